@@ -1,0 +1,152 @@
+"""Reference encoding: a face image goes through the same UNet and every attn2 layer's input h_f is
+recorded (paper Fig. 2). An Identity holds h_f per reference and per layer, and its .safetensors format."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from .adapter import (AdapterError, FORMAT_VERSION, Layer, check_layers, find_layers, model_family,
+                      read_safetensors, save_safetensors_atomic)
+
+IDENTITY_FORMAT = "idfusion.identity"
+
+
+@dataclass
+class Identity:
+    """One person: h_f for each reference image (Eq. 6 concatenates them), plus what produced them."""
+    layers: list[Layer]
+    family: str
+    encoding: dict                      # {"mode": "cached"|"per_step", "timestep": int, "text": "zeros"|"empty"}
+    h_f: list[dict]                     # per reference: layer.name -> (N_f, C) float32, CPU
+    latents: list[torch.Tensor]         # per reference: clean model-space latent (1, c, h, w), for per-step mode
+    context: torch.Tensor               # (1, N_c, ctx) text context of the reference pass
+    y: torch.Tensor | None = None       # (1, adm) for models with ADM (SDXL), else None
+    name: str = "identity"
+    _uid: int = field(default=0, repr=False)
+
+    @property
+    def references(self) -> int:
+        return len(self.h_f)
+
+    def check_model(self, model_patcher):
+        check_layers(self.layers, self.family, model_patcher, "Identity", self.name)
+
+    def save(self, path: str):
+        tensors = {"context": self.context}
+        if self.y is not None:
+            tensors["y"] = self.y
+        for r, (h, lat) in enumerate(zip(self.h_f, self.latents)):
+            tensors[f"ref{r}.latent"] = lat
+            for l in self.layers:
+                tensors[f"ref{r}.{'.'.join(str(x) for x in l.key)}.h_f"] = h[l.name]
+        meta = {"format": IDENTITY_FORMAT, "format_version": str(FORMAT_VERSION), "base_family": self.family,
+                "layers": json.dumps([l.to_json() for l in self.layers]), "encoding": json.dumps(self.encoding),
+                "references": str(self.references), "name": self.name}
+        save_safetensors_atomic(tensors, path, meta)
+
+    @classmethod
+    def load(cls, path: str):
+        tensors, meta = read_safetensors(path, IDENTITY_FORMAT, "identity")
+        layers = [Layer.from_json(d) for d in json.loads(meta["layers"])]
+        n = int(meta["references"])
+        try:
+            h_f = [{l.name: tensors[f"ref{r}.{'.'.join(str(x) for x in l.key)}.h_f"].float() for l in layers} for r in range(n)]
+            latents = [tensors[f"ref{r}.latent"] for r in range(n)]
+            context = tensors["context"]
+        except KeyError as e:
+            raise AdapterError(f"Identity file '{os.path.basename(path)}' is missing tensor {e}; re-encode and save it again.") from None
+        return cls(layers, meta.get("base_family", "unknown"), json.loads(meta["encoding"]), h_f, latents, context,
+                   tensors.get("y"), meta.get("name", os.path.splitext(os.path.basename(path))[0]))
+
+
+def merge(identities: list[Identity], name: str | None = None) -> Identity:
+    """Several identities' references as one identity (more references of the same person, Eq. 6)."""
+    first = identities[0]
+    for other in identities[1:]:
+        if other.layers != first.layers:
+            raise AdapterError(f"Identities '{first.name}' and '{other.name}' were encoded with different models; re-encode them with one model.")
+    return Identity(first.layers, first.family, first.encoding, [h for i in identities for h in i.h_f],
+                    [x for i in identities for x in i.latents], first.context, first.y, name or first.name)
+
+
+# ---- the reference pass ------------------------------------------------------------------------
+class _Recorder:
+    """attn2_patch that records the tensor attn2 receives as its query input (after norm2): h_f."""
+
+    def __init__(self):
+        self.h_f = {}
+
+    def __call__(self, n, context_attn2, value_attn2, extra_options):
+        block = extra_options.get("block")
+        if block is not None:
+            self.h_f[(block[0], block[1], extra_options.get("block_index", 0))] = n
+        return n, context_attn2, value_attn2
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def text_condition(model_patcher, clip=None, batch: int = 1, width: int = 512, height: int = 512):
+    """The reference pass's text: CLIP's empty prompt when a CLIP is given, else a zero context.
+    Returns (context (1, N_c, ctx), y or None, label)."""
+    base = model_patcher.model
+    if clip is not None:
+        cond, pooled = clip.encode_from_tokens(clip.tokenize(""), return_pooled=True)
+        y = base.encode_adm(pooled_output=pooled, width=width, height=height, crop_w=0, crop_h=0,
+                            target_width=width, target_height=height, prompt_type="positive") \
+            if getattr(base, "adm_channels", 0) else None
+        return cond[:1].float().cpu(), (y[:1].float().cpu() if y is not None else None), "empty"
+    ctx_dim = base.model_config.unet_config.get("context_dim")
+    context = torch.zeros(1, 77, ctx_dim)
+    adm = getattr(base, "adm_channels", 0) or 0
+    return context, (torch.zeros(1, adm) if adm else None), "zeros"
+
+
+def run_reference_pass(base_model, device, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, y=None) -> dict:
+    """One UNet evaluation of latent x (b, c, h, w) at sigma (b,), recording h_f at every attn2 layer.
+    Returns {layer key: (b, N_f, C)}. Only the recorder is active: other packs' attention patches are not
+    part of the reference pass. The model must already be on `device` (comfy.model_management.load_models_gpu)."""
+    recorder = _Recorder()
+    opts = {"patches": {"attn2_patch": [recorder]}}
+    b = x.shape[0]
+    kwargs = {}
+    if y is not None:
+        kwargs["y"] = y.to(device).expand(b, -1)
+    with torch.no_grad():
+        base_model.apply_model(x.to(device), sigma.to(device), c_crossattn=context.to(device).expand(b, -1, -1),
+                         transformer_options=opts, **kwargs)
+    return recorder.h_f
+
+
+def reference_sigma(model_patcher, timestep: int) -> torch.Tensor:
+    ms = model_patcher.get_model_object("model_sampling")
+    return ms.sigma(torch.tensor([float(timestep)])).float().cpu()
+
+
+def encode_identity(model_patcher, vae, image: torch.Tensor, clip=None, timestep: int = 0,
+                    mode: str = "cached", name: str = "identity", progress=None) -> Identity:
+    """IMAGE batch (B, H, W, 3) of one person -> Identity with h_f per reference, one UNet pass each."""
+    import comfy.model_management as mm
+    if image.ndim != 4 or image.shape[0] == 0:
+        raise AdapterError("reference_images must be an IMAGE batch with at least one image.")
+    base = model_patcher.model
+    layers = find_layers(base.diffusion_model)
+    context, y, text = text_condition(model_patcher, clip, width=image.shape[2], height=image.shape[1])
+    sigma = reference_sigma(model_patcher, timestep)
+    h_f, latents = [], []
+    for r in range(image.shape[0]):
+        latent = base.process_latent_in(vae.encode(image[r:r + 1, :, :, :3])).float().cpu()
+        mm.load_models_gpu([model_patcher])
+        rec = run_reference_pass(base, model_patcher.load_device, latent, sigma, context, y)
+        missing = [l.key for l in layers if l.key not in rec]
+        if missing:
+            raise AdapterError(f"The reference pass did not reach attn2 layers {missing[:3]}...: this model's UNet is not one IDFusion can patch.")
+        h_f.append({l.name: rec[l.key][0].float().cpu() for l in layers})
+        latents.append(latent)
+        if progress is not None:
+            progress.update(1)
+    return Identity(layers, model_family(model_patcher), {"mode": mode, "timestep": int(timestep), "text": text},
+                    h_f, latents, context, y, name)

@@ -1,0 +1,207 @@
+"""ComfyUI glue: install the fused attention on a ModelPatcher clone through attn2 replace patches and an
+APPLY_MODEL wrapper. Nothing in ComfyUI is monkey-patched; the input model is never touched."""
+from __future__ import annotations
+
+import inspect
+import itertools
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from . import fusion
+from .adapter import AdapterError, IDFusionAdapter, Layer
+from .identity import Identity, run_reference_pass
+
+log = logging.getLogger("IDFusion")
+_uids = itertools.count(1)
+WRAPPER_KEY = "idfusion"
+
+
+@dataclass
+class Entry:
+    """One identity as applied: its references, its region (Eq. 7) and whether the region also hides it
+    from queries outside (an Apply attn_mask)."""
+    identity: Identity
+    region: torch.Tensor | None = None   # (H, W) in [0, 1]
+    confine: bool = False
+
+
+class Fusion:
+    """One Apply: an adapter, the identities it fuses, when (sigma range) and for which CFG branch.
+
+    Holds the projected K_f/V_f per layer, device and dtype (projected once per reference, Eq. 2)."""
+
+    def __init__(self, adapter: IDFusionAdapter, entries: list[Entry], weight: float = 1.0,
+                 sigma_start: float = float("inf"), sigma_end: float = 0.0, uncond: bool = False,
+                 mode: str = "cached", seed: int = 0):
+        if mode not in ("cached", "per_step"):
+            raise AdapterError(f"mode must be 'cached' or 'per_step', not {mode!r}.")
+        self.uid = next(_uids)
+        self.adapter, self.entries, self.weight = adapter, entries, float(weight)
+        self.sigma_start, self.sigma_end = sigma_start, sigma_end
+        self.uncond, self.mode, self.seed = uncond, mode, seed
+        self._kv = {}       # (layer name, device, dtype) -> [(K_f, V_f) per entry]
+        self._weights = {}  # (layer name, device) -> (Linear_kf, Linear_vf) weights on device, float32
+        self._noise = {}    # device -> per entry, per reference: fixed noise for per-step mode
+
+    def __deepcopy__(self, memo):  # ModelPatcher.clone() deep-copies model_options; share, don't copy tensors
+        return self
+
+    def _layer_weights(self, layer: Layer, device):
+        key = (layer.name, device)
+        if key not in self._weights:
+            self._weights[key] = tuple(w.detach().to(device, torch.float32) for w in self.adapter.weights(layer))
+        return self._weights[key]
+
+    def _project(self, layer: Layer, refs: list[torch.Tensor], device, dtype):
+        wk, wv = self._layer_weights(layer, device)
+        ks, vs = zip(*(fusion.project(h.to(device, torch.float32), wk, wv, self.weight) for h in refs))
+        return torch.cat(ks).to(dtype), torch.cat(vs).to(dtype)  # several references concatenate (Eq. 6)
+
+    def kv(self, layer: Layer, device, dtype, state: dict | None):
+        """[(K_f, V_f)] per entry for this layer, each (sum of reference tokens, D)."""
+        if self.mode == "per_step" and state is not None and "h_f" in state:
+            return [self._project(layer, [h[layer.key][r] for r in range(h[layer.key].shape[0])], device, dtype)
+                    for h in state["h_f"]]
+        key = (layer.name, device, dtype)
+        if key not in self._kv:
+            self._kv[key] = [self._project(layer, [h[layer.name] for h in e.identity.h_f], device, dtype)
+                             for e in self.entries]
+        return self._kv[key]
+
+    # ---- once per sampling step ----------------------------------------------------------------
+    def apply_model_wrapper(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        """Decides once per step (not per layer) whether this Fusion is active at this sigma; in per-step
+        mode also re-encodes every reference, noised to this sigma, through the same UNet."""
+        sigma = float(t.reshape(-1)[0])  # one host read per step, none per layer
+        state = {"active": self.sigma_end <= sigma <= self.sigma_start}
+        if state["active"] and self.mode == "per_step":
+            state["h_f"] = self._encode_step(executor.class_obj, t, x.device)
+        to = dict(transformer_options)
+        to["idfusion"] = {**to.get("idfusion", {}), self.uid: state}
+        return executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
+
+    def _encode_step(self, base_model, t, device):
+        ms = base_model.model_sampling
+        if device not in self._noise:
+            g = torch.Generator().manual_seed(self.seed)
+            self._noise[device] = [[torch.randn(lat.shape, generator=g).to(device) for lat in e.identity.latents]
+                                   for e in self.entries]
+        out = []
+        for e, noises in zip(self.entries, self._noise[device]):
+            lat = torch.cat([l.to(device) for l in e.identity.latents])
+            noise = torch.cat(noises)
+            sigma = t.reshape(-1)[:1].expand(lat.shape[0]).to(device)
+            x_ref = ms.noise_scaling(sigma, noise, lat)
+            out.append(run_reference_pass(base_model, device, x_ref, sigma, e.identity.context, e.identity.y))
+        return out
+
+
+def _accepts_transformer_options(fn) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "transformer_options" or p.kind is p.VAR_KEYWORD for p in params)
+
+
+class LayerPatch:
+    """The attn2 replace at one layer. Several Applies on one model stack into one LayerPatch (their
+    identities concatenate and share one Eq. 7 mask); another pack's replace found on the layer is
+    chained: it receives K' and V'."""
+
+    def __init__(self, layer: Layer, fusions: list[Fusion], previous=None):
+        self.layer, self.fusions, self.previous = layer, fusions, previous
+        self._masks = {}
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, q, k, v, extra_options):
+        states = extra_options.get("idfusion", {})
+        cond_or_uncond = extra_options.get("cond_or_uncond") or [0]
+        per_chunk = [tuple(f for f in self.fusions
+                           if states.get(f.uid, {"active": True})["active"] and (c == 0 or f.uncond))
+                     for c in cond_or_uncond]
+        if len(set(per_chunk)) == 1:
+            return self._attend(q, k, v, per_chunk[0], extra_options, states)
+        # CFG rows that fuse different identities (e.g. uncond sees text only) are attended separately
+        bs = q.shape[0] // len(cond_or_uncond)
+        out, start = [], 0
+        for fusions, group in itertools.groupby(per_chunk):
+            n = len(list(group)) * bs
+            rows = slice(start, start + n)
+            out.append(self._attend(q[rows], k[rows], v[rows], fusions, extra_options, states))
+            start += n
+        return torch.cat(out)
+
+    def _plain(self, q, k, v, extra_options):
+        if self.previous is not None:
+            return self.previous(q, k, v, extra_options)
+        from comfy.ldm.modules import attention  # read at call time: honours ComfyUI's attention choice
+        fn = attention.optimized_attention
+        kw = {"attn_precision": extra_options.get("attn_precision")}
+        if _accepts_transformer_options(fn):
+            kw["transformer_options"] = extra_options
+        return fn(q, k, v, extra_options["n_heads"], **kw)
+
+    def _attend(self, q, k, v, fusions, extra_options, states):
+        if not fusions:
+            return self._plain(q, k, v, extra_options)
+        K_f, V_f, entries = [], [], []
+        for f in fusions:
+            for e, (kf, vf) in zip(f.entries, f.kv(self.layer, q.device, q.dtype, states.get(f.uid))):
+                K_f.append(kf), V_f.append(vf), entries.append(e)
+        K, V = fusion.concat_keys(k, v, K_f, V_f)
+        if all(e.region is None for e in entries):
+            return self._plain(q, K, V, extra_options)
+        if self.previous is not None:
+            raise AdapterError(f"IDFusion region masks cannot be combined with another node's attention replacement "
+                               f"on layer {self.layer.key} ({type(self.previous).__name__}): apply that node after "
+                               f"IDFusion, or use IDFusion without masks.")
+        allow = self._mask(fusions, entries, [t.shape[0] for t in K_f], k.shape[1], q.shape[1], extra_options, q.device)
+        return fusion.masked_attention(q, K, V, extra_options["n_heads"], allow)
+
+    def _mask(self, fusions, entries, tokens, n_text, n_h, extra_options, device):
+        h, w = token_grid(extra_options, n_h)
+        key = (tuple(f.uid for f in fusions), tuple(tokens), n_text, h, w, device)
+        if key not in self._masks:  # built once per layer and shape, reused every step
+            inside = torch.stack([fusion.region_tokens(e.region, h, w) if e.region is not None
+                                  else torch.zeros(h * w, dtype=torch.bool) for e in entries], dim=1)
+            confine = torch.tensor([e.confine and e.region is not None for e in entries])
+            blocked = fusion.blocked_identities(inside, confine)
+            self._masks[key] = fusion.key_allow_mask(blocked, tokens, n_text).to(device)
+        return self._masks[key]
+
+
+def token_grid(extra_options, n_h: int):
+    """(h, w) of this layer's query tokens, from the activation shape ComfyUI records, else derived from the
+    latent shape by the UNet's stride-2 downsampling (ceil), so odd sizes work."""
+    shape = extra_options.get("activations_shape")
+    if shape is not None and shape[-2] * shape[-1] == n_h:
+        return int(shape[-2]), int(shape[-1])
+    H, W = extra_options["original_shape"][-2:]
+    h, w = H, W
+    while h * w > n_h:
+        h, w = (h + 1) // 2, (w + 1) // 2
+    if h * w != n_h:
+        raise AdapterError(f"Cannot place {n_h} query tokens on a grid of latent {H}x{W}.")
+    return h, w
+
+
+def install(model_patcher, fusion_: Fusion):
+    """A clone of model_patcher with fusion_ patched into every attn2 layer (read off the model)."""
+    m = model_patcher.clone()
+    replaces = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+    for layer in fusion_.adapter.layers:
+        block, number, index = layer.key
+        prev = replaces.get(layer.key, replaces.get((block, number)))
+        if isinstance(prev, LayerPatch):
+            patch = LayerPatch(layer, prev.fusions + [fusion_], prev.previous)
+        else:
+            patch = LayerPatch(layer, [fusion_], prev)
+        m.set_model_attn2_replace(patch, block, number, index)
+    from comfy.patcher_extension import WrappersMP
+    m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, f"{WRAPPER_KEY}_{fusion_.uid}", fusion_.apply_model_wrapper)
+    return m

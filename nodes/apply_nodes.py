@@ -1,0 +1,143 @@
+"""Apply nodes: patch a clone of MODEL with one identity, or several identities placed by region masks."""
+import logging
+
+import torch
+
+from ..idfusion.patch import Entry, Fusion, install
+from .common import CATEGORY
+
+log = logging.getLogger("IDFusion")
+MAX_IDENTITIES = 4
+
+_COMMON = {
+    "weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 3.0, "step": 0.05, "tooltip":
+               "Scales V_f, the identity's values. 0 switches IDFusion off (the output equals the unpatched model's)."}),
+    "start_at": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Fraction of sampling at which the identity starts to act."}),
+    "end_at": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Fraction of sampling after which the identity stops acting."}),
+    "uncond": (["text only", "identity too"], {"tooltip":
+               "What the negative/uncond CFG branch sees. 'text only' (default): plain text attention, so CFG pushes towards "
+               "the identity. 'identity too': both branches see the identity (weaker, CFG no longer amplifies it)."}),
+    "mode": (["adapter default", "cached", "per_step"], {"tooltip":
+             "cached: the reference's h_f from one clean pass (fast). per_step: re-encode the reference, noised to the "
+             "current sigma, at every step (the paper's literal reading; ~2x slower). 'adapter default' uses the mode the adapter was trained with."}),
+}
+
+
+def _fusion(model, adapter, entries, weight, start_at, end_at, uncond, mode):
+    if start_at >= end_at:
+        raise ValueError(f"start_at ({start_at}) must be smaller than end_at ({end_at}).")
+    adapter.check_model(model)
+    for e in entries:
+        e.identity.check_model(model)
+        _warn_encoding(adapter, e.identity)
+    if mode == "adapter default":
+        mode = adapter.encoding.get("mode", "cached")
+    ms = model.get_model_object("model_sampling")
+    return Fusion(adapter, entries, weight, sigma_start=float(ms.percent_to_sigma(start_at)),
+                  sigma_end=float(ms.percent_to_sigma(end_at)), uncond=(uncond == "identity too"), mode=mode)
+
+
+def _warn_encoding(adapter, identity):
+    for k in ("timestep", "text"):
+        a, i = adapter.encoding.get(k), identity.encoding.get(k)
+        if a is not None and i is not None and a != i:
+            log.warning("IDFusion: identity '%s' was encoded with %s=%r but the adapter was trained with %s=%r; "
+                        "re-encode the reference to match for best results.", identity.name, k, i, k, a)
+
+
+def _region(mask, what):
+    m = mask.float()
+    if m.ndim == 3:
+        m = m[0]
+    if m.ndim != 2:
+        raise ValueError(f"{what} must be a MASK of shape (H, W) or (1, H, W), got {tuple(mask.shape)}.")
+    if not bool((m > 0).any()):
+        raise ValueError(f"{what} is empty (all zero): paint the region where this identity's face should appear.")
+    return m.cpu()
+
+
+class IDFusionApply:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model to patch. The input stays unpatched; a patched clone is returned."}),
+            "adapter": ("IDFUSION_ADAPTER", {"tooltip": "From IDFusion Load Adapter (or New Adapter)."}),
+            "identity": ("IDFUSION_IDENTITY", {"tooltip": "From IDFusion Encode Reference Face or Load Identity."}),
+            **_COMMON,
+        }, "optional": {
+            "attn_mask": ("MASK", {"tooltip": "Optional: the identity only acts on image regions inside this mask."}),
+        }}
+
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("A clone of the model whose cross-attention also attends to the identity's K_f/V_f.",)
+    FUNCTION = "apply"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Fuses a reference identity into every cross-attention layer: K' = [K_text; K_f], V' = [V_text; V_f]. "
+                   "Chain several Apply nodes to add more identities.")
+
+    def apply(self, model, adapter, identity, weight, start_at, end_at, uncond, mode, attn_mask=None):
+        entry = Entry(identity, _region(attn_mask, "attn_mask") if attn_mask is not None else None, confine=True)
+        fusion_ = _fusion(model, adapter, [entry], weight, start_at, end_at, uncond, mode)
+        if weight == 0:
+            return (model.clone(),)
+        return (install(model, fusion_),)
+
+
+class IDFusionApplyMultiIdentity:
+    @classmethod
+    def INPUT_TYPES(cls):
+        ids = {f"identity_{i}": ("IDFUSION_IDENTITY", {"tooltip": f"Identity {i}; its face goes where mask {i} is."})
+               for i in range(1, MAX_IDENTITIES + 1)}
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model to patch (a patched clone is returned)."}),
+            "adapter": ("IDFUSION_ADAPTER", {"tooltip": "From IDFusion Load Adapter."}),
+            "masks": ("MASK", {"tooltip": "One mask per connected identity, as a batch in identity order (mask i = region of identity i)."}),
+            "identity_1": ids.pop("identity_1"),
+            **_COMMON,
+        }, "optional": ids}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "apply"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Several people in one image (paper section 3.4): inside identity j's region, the other identities' keys are "
+                   "masked out (Eq. 7), so faces do not morph into each other. Outside all regions every identity is visible.")
+
+    def apply(self, model, adapter, masks, weight, start_at, end_at, uncond, mode, **identities):
+        ids = [identities[k] for k in sorted(identities) if identities[k] is not None]
+        if masks.ndim == 2:
+            masks = masks[None]
+        if masks.shape[0] != len(ids):
+            raise ValueError(f"masks has {masks.shape[0]} mask(s) but {len(ids)} identit{'y is' if len(ids) == 1 else 'ies are'} "
+                             f"connected: give one mask per identity, in the same order.")
+        entries = [Entry(i, _region(m, f"mask {n + 1}")) for n, (i, m) in enumerate(zip(ids, masks))]
+        fusion_ = _fusion(model, adapter, entries, weight, start_at, end_at, uncond, mode)
+        if weight == 0:
+            return (model.clone(),)
+        return (install(model, fusion_),)
+
+
+class IDFusionMaskBatch:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"mask_1": ("MASK", {"tooltip": "Region of identity 1."}),
+                             "mask_2": ("MASK", {"tooltip": "Region of identity 2."})},
+                "optional": {f"mask_{i}": ("MASK", {"tooltip": f"Region of identity {i}."}) for i in range(3, MAX_IDENTITIES + 1)}}
+
+    RETURN_TYPES = ("MASK",)
+    RETURN_NAMES = ("masks",)
+    FUNCTION = "batch"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Stacks region masks (resized to mask_1's size) into one batch for IDFusion Apply Multi-Identity."
+
+    def batch(self, **masks):
+        ms = [masks[k] for k in sorted(masks) if masks[k] is not None]
+        ms = [m[None] if m.ndim == 2 else m[:1] for m in ms]
+        size = ms[0].shape[-2:]
+        out = [m if m.shape[-2:] == size else torch.nn.functional.interpolate(m[None].float(), size=size, mode="bilinear")[0] for m in ms]
+        return (torch.cat(out),)
+
+
+NODE_CLASS_MAPPINGS = {"IDFusionApply": IDFusionApply, "IDFusionApplyMultiIdentity": IDFusionApplyMultiIdentity,
+                       "IDFusionMaskBatch": IDFusionMaskBatch}
+NODE_DISPLAY_NAME_MAPPINGS = {"IDFusionApply": "IDFusion Apply", "IDFusionApplyMultiIdentity": "IDFusion Apply Multi-Identity",
+                              "IDFusionMaskBatch": "IDFusion Mask Batch"}

@@ -1,0 +1,97 @@
+"""Identity nodes: encode reference faces into per-layer h_f, save/load identity files, merge references."""
+import comfy.utils
+
+from ..idfusion.identity import Identity, encode_identity, merge
+from .common import CATEGORY, full_path, identity_files, new_identity_path
+
+
+class IDFusionEncodeReference:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The same model you will sample with: the reference goes through its UNet."}),
+            "vae": ("VAE", {"tooltip": "Encodes the reference images into latents."}),
+            "reference_images": ("IMAGE", {"tooltip": "One or more photos of ONE person (a batch = several references, "
+                                           "concatenated as in the paper's Eq. 6). Aligned face crops work best."}),
+            "timestep": ("INT", {"default": 0, "min": 0, "max": 999, "tooltip":
+                         "The (near-clean) timestep of the single reference pass. Keep the value the adapter was trained with (0)."}),
+            "name": ("STRING", {"default": "identity", "tooltip": "A label for messages and saved files."}),
+        }, "optional": {
+            "clip": ("CLIP", {"tooltip": "If connected, the reference pass uses CLIP's empty prompt; otherwise a zero text "
+                              "context. Use what the adapter was trained with."}),
+        }}
+
+    RETURN_TYPES = ("IDFUSION_IDENTITY",)
+    RETURN_NAMES = ("identity",)
+    OUTPUT_TOOLTIPS = ("h_f for every cross-attention layer and reference, computed once and cached.",)
+    FUNCTION = "encode"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Runs each reference face once through the UNet (clean latent, fixed timestep) and records the hidden "
+                   "state h_f entering every cross-attention layer. The result is cached; IDFusion Apply projects it "
+                   "into K_f/V_f once.")
+
+    def encode(self, model, vae, reference_images, timestep, name, clip=None):
+        pbar = comfy.utils.ProgressBar(reference_images.shape[0])
+        return (encode_identity(model, vae, reference_images, clip=clip, timestep=timestep, name=name, progress=pbar),)
+
+
+class IDFusionMergeIdentities:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "identity_1": ("IDFUSION_IDENTITY", {"tooltip": "References of one person."}),
+            "identity_2": ("IDFUSION_IDENTITY", {"tooltip": "More references of the SAME person (e.g. a saved identity)."}),
+        }}
+
+    RETURN_TYPES = ("IDFUSION_IDENTITY",)
+    RETURN_NAMES = ("identity",)
+    FUNCTION = "merge"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Joins the references of two identities of the same person (multi-reference, Eq. 6)."
+
+    def merge(self, identity_1, identity_2):
+        return (merge([identity_1, identity_2]),)
+
+
+class IDFusionSaveIdentity:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "identity": ("IDFUSION_IDENTITY", {"tooltip": "The identity to keep."}),
+            "filename_prefix": ("STRING", {"default": "identity", "tooltip":
+                                "File name prefix; files go to models/idfusion/identities only (no folders allowed)."}),
+        }}
+
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "save"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Saves an identity as .safetensors in models/idfusion/identities, so it can be reused without re-encoding."
+
+    def save(self, identity, filename_prefix):
+        path = new_identity_path(filename_prefix)
+        identity.save(path)
+        return {"ui": {"text": [path]}}
+
+
+class IDFusionLoadIdentity:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"identity_name": (identity_files(), {"tooltip": "A saved identity from models/idfusion/identities."})}}
+
+    RETURN_TYPES = ("IDFUSION_IDENTITY",)
+    RETURN_NAMES = ("identity",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Loads a saved identity (.safetensors only). It must have been encoded with a model of the same family."
+
+    def load(self, identity_name):
+        return (Identity.load(full_path("Identity", identity_name)),)
+
+
+NODE_CLASS_MAPPINGS = {"IDFusionEncodeReference": IDFusionEncodeReference, "IDFusionMergeIdentities": IDFusionMergeIdentities,
+                       "IDFusionSaveIdentity": IDFusionSaveIdentity, "IDFusionLoadIdentity": IDFusionLoadIdentity}
+NODE_DISPLAY_NAME_MAPPINGS = {"IDFusionEncodeReference": "IDFusion Encode Reference Face",
+                              "IDFusionMergeIdentities": "IDFusion Merge References",
+                              "IDFusionSaveIdentity": "IDFusion Save Identity",
+                              "IDFusionLoadIdentity": "IDFusion Load Identity"}

