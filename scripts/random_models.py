@@ -46,14 +46,17 @@ def unet_config(family: str, dtype=torch.float32):
     return cfg
 
 
-def build_model(family: str = "SD15", dtype=torch.float32, seed: int = 0):
-    """A ComfyUI ModelPatcher around a random-weight UNet of the family, on the CPU."""
+def build_model(family: str = "SD15", dtype=torch.float32, seed: int = 0, device: str = "cpu"):
+    """A ComfyUI ModelPatcher around a random-weight UNet of the family, on the CPU. device="meta" gives the
+    same module tree without weights (instant), for tests that only read the model's structure."""
     import comfy.model_detection
     import comfy.model_patcher
     cfg = unet_config(family, dtype)
     model_config = comfy.model_detection.model_config_from_unet_config(cfg)
     model_config.set_inference_dtype(dtype, None)
-    model = model_config.get_model({}, device="cpu")
+    model = model_config.get_model({}, device=device)
+    if device == "meta":
+        return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
     model.diffusion_model.to(dtype)
     randomize_(model.diffusion_model, seed)
     model.eval()

@@ -43,6 +43,13 @@ def sdxl():
     return random_models.build_model("SDXL", dtype=torch.bfloat16, seed=2)
 
 
+@pytest.fixture(scope="session")
+def sdxl_structure():
+    """SDXL's module tree without weights (meta device): enough for layer discovery and family checks."""
+    import random_models
+    return random_models.build_model("SDXL", device="meta")
+
+
 @pytest.fixture
 def idfusion_dir(tmp_path, monkeypatch):
     """An empty models/idfusion for this test, registered through folder_paths like a user's folder."""
