@@ -139,7 +139,7 @@ def encode_identity(model_patcher, vae, image: torch.Tensor, clip=None, timestep
     h_f, latents = [], []
     for r in range(image.shape[0]):
         latent = base.process_latent_in(vae.encode(image[r:r + 1, :, :, :3])).float().cpu()
-        mm.load_models_gpu([model_patcher])
+        mm.load_models_gpu([model_patcher])  # after the VAE, which may have pushed the UNet out of VRAM
         rec = run_reference_pass(base, model_patcher.load_device, latent, sigma, context, y)
         missing = [l.key for l in layers if l.key not in rec]
         if missing:

@@ -2,6 +2,7 @@
 APPLY_MODEL wrapper. Nothing in ComfyUI is monkey-patched; the input model is never touched."""
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import logging
@@ -98,7 +99,9 @@ class Fusion:
         return out
 
 
+@functools.lru_cache(maxsize=None)
 def _accepts_transformer_options(fn) -> bool:
+    """0.3.75's attention functions take transformer_options (for overrides); 0.3.52's do not."""
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):

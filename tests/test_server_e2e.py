@@ -78,3 +78,12 @@ def test_node_exception_is_reported(server):
     print(msg)
     assert "node 5 (IDFusionApply)" in msg and "ValueError" in msg and "must be smaller than end_at" in msg, msg
     assert "apply_nodes.py" in msg, msg  # the server's traceback is passed on
+
+
+def test_multi_identity_workflow_writes_image(server):
+    """Two identities placed left/right with masks built from ComfyUI's own mask nodes."""
+    wf = comfy_server.load_workflow(os.path.join(ROOT, "workflows", "idfusion_multi_identity_api.json"))
+    images = server.run(wf, timeout=300)
+    assert len(images) == 1 and os.path.basename(images[0]).startswith("IDFusion_multi")
+    with Image.open(images[0]) as im:
+        assert im.size == (64, 64)
