@@ -23,7 +23,8 @@ _COMMON = {
 }
 
 
-def _fusion(model, adapter, entries, weight, start_at, end_at, uncond, mode):
+def _apply(model, adapter, entries, weight, start_at, end_at, uncond, mode):
+    """Validate everything, then return (patched clone,); weight 0 returns an unpatched clone."""
     if start_at >= end_at:
         raise ValueError(f"start_at ({start_at}) must be smaller than end_at ({end_at}).")
     adapter.check_model(model)
@@ -32,9 +33,11 @@ def _fusion(model, adapter, entries, weight, start_at, end_at, uncond, mode):
         _warn_encoding(adapter, e.identity)
     if mode == "adapter default":
         mode = adapter.encoding.get("mode", "cached")
+    if weight == 0:
+        return (model.clone(),)
     ms = model.get_model_object("model_sampling")
-    return Fusion(adapter, entries, weight, sigma_start=float(ms.percent_to_sigma(start_at)),
-                  sigma_end=float(ms.percent_to_sigma(end_at)), uncond=(uncond == "identity too"), mode=mode)
+    return (install(model, Fusion(adapter, entries, weight, sigma_start=float(ms.percent_to_sigma(start_at)),
+                                  sigma_end=float(ms.percent_to_sigma(end_at)), uncond=(uncond == "identity too"), mode=mode)),)
 
 
 def _warn_encoding(adapter, identity):
@@ -77,10 +80,7 @@ class IDFusionApply:
 
     def apply(self, model, adapter, identity, weight, start_at, end_at, uncond, mode, attn_mask=None):
         entry = Entry(identity, _region(attn_mask, "attn_mask") if attn_mask is not None else None, confine=True)
-        fusion_ = _fusion(model, adapter, [entry], weight, start_at, end_at, uncond, mode)
-        if weight == 0:
-            return (model.clone(),)
-        return (install(model, fusion_),)
+        return _apply(model, adapter, [entry], weight, start_at, end_at, uncond, mode)
 
 
 class IDFusionApplyMultiIdentity:
@@ -110,10 +110,7 @@ class IDFusionApplyMultiIdentity:
             raise ValueError(f"masks has {masks.shape[0]} mask(s) but {len(ids)} identit{'y is' if len(ids) == 1 else 'ies are'} "
                              f"connected: give one mask per identity, in the same order.")
         entries = [Entry(i, _region(m, f"mask {n + 1}")) for n, (i, m) in enumerate(zip(ids, masks))]
-        fusion_ = _fusion(model, adapter, entries, weight, start_at, end_at, uncond, mode)
-        if weight == 0:
-            return (model.clone(),)
-        return (install(model, fusion_),)
+        return _apply(model, adapter, entries, weight, start_at, end_at, uncond, mode)
 
 
 class IDFusionMaskBatch:
