@@ -95,3 +95,14 @@ def write_checkpoint(path: str, seed: int = 0, dtype=torch.float16):
     sd = {k: v.to(dtype).contiguous() if v.is_floating_point() else v.contiguous() for k, v in sd.items()}
     comfy.utils.save_torch_file(sd, path)
     return path
+
+
+def sampler_transformer_options(model_patcher, cond_or_uncond):
+    """transformer_options as ComfyUI's sampler builds them for one apply_model call: the ModelPatcher's
+    model_options plus its wrappers (comfy/sampler_helpers.py merges them the same way) and the CFG layout."""
+    import comfy.patcher_extension
+    to = dict(model_patcher.model_options.get("transformer_options", {}))
+    to["wrappers"] = {}
+    comfy.patcher_extension.merge_nested_dicts(to["wrappers"], model_patcher.wrappers, copy_dict1=False)
+    to["cond_or_uncond"] = list(cond_or_uncond)
+    return to

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from helpers import fused_attention_reference, random_identity
+from random_models import sampler_transformer_options
 from idfusion_pack.idfusion.adapter import IDFusionAdapter, attn2_modules
 from idfusion_pack.idfusion.patch import Entry, Fusion, install
 
@@ -21,9 +22,8 @@ def run_capturing(model_patcher, x, context, cond_or_uncond):
         seen[(extra["block"][0], extra["block"][1], extra["block_index"])]["out"] = n.clone()
         return n
 
-    to = dict(model_patcher.model_options["transformer_options"])
+    to = sampler_transformer_options(model_patcher, cond_or_uncond)
     to["patches"] = {"attn2_patch": [grab_in], "attn2_output_patch": [grab_out]}
-    to["cond_or_uncond"] = cond_or_uncond
     sigma = torch.full((x.shape[0],), 2.0)
     with torch.no_grad():
         model_patcher.model.apply_model(x, sigma, c_crossattn=context, transformer_options=to)

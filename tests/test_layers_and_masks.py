@@ -5,6 +5,7 @@ import torch
 from comfy.ldm.modules.attention import BasicTransformerBlock
 
 from helpers import random_identity
+from random_models import sampler_transformer_options
 from idfusion_pack.idfusion.adapter import IDFusionAdapter, Layer
 from idfusion_pack.idfusion.identity import Identity
 from idfusion_pack.idfusion.patch import Entry, Fusion, LayerPatch, install
@@ -31,8 +32,7 @@ def forward(model_patcher, latent_hw=(8, 8), batch=2):
     dtype = model_patcher.model.get_dtype()
     x = torch.randn(batch, 4, *latent_hw)
     kwargs = {"y": torch.zeros(batch, cfg["adm_in_channels"])} if cfg.get("adm_in_channels") else {}
-    to = dict(model_patcher.model_options["transformer_options"])
-    to["cond_or_uncond"] = [0] * batch
+    to = sampler_transformer_options(model_patcher, [0] * batch)
     with torch.no_grad():
         model_patcher.model.apply_model(x, torch.full((batch,), 1.0), c_crossattn=torch.randn(batch, 77, cfg["context_dim"]).to(dtype),
                                         transformer_options=to, **kwargs)
