@@ -43,21 +43,18 @@ class Fusion:
         self.sigma_start, self.sigma_end = sigma_start, sigma_end
         self.uncond, self.mode, self.seed = uncond, mode, seed
         self._kv = {}       # (layer name, device, dtype) -> [(K_f, V_f) per entry]
-        self._weights = {}  # (layer name, device) -> (Linear_kf, Linear_vf) weights on device, float32
+        self._weights = {}  # per-step mode only: (layer name, device) -> Linear_kf/Linear_vf weights on device
         self._noise = {}    # device -> per entry, per reference: fixed noise for per-step mode
 
     def __deepcopy__(self, memo):  # ModelPatcher.clone() deep-copies model_options; share, don't copy tensors
         return self
 
-    def _layer_weights(self, layer: Layer, device):
-        key = (layer.name, device)
-        if key not in self._weights:
-            self._weights[key] = tuple(w.detach().to(device, torch.float32) for w in self.adapter.weights(layer))
-        return self._weights[key]
-
     def _project(self, layer: Layer, refs: list[torch.Tensor], device, dtype):
-        wk, wv = self._layer_weights(layer, device)
-        ks, vs = zip(*(fusion.project(h.to(device, torch.float32), wk, wv, self.weight) for h in refs))
+        key = (layer.name, device)
+        weights = self._weights.get(key) or tuple(w.detach().to(device, torch.float32) for w in self.adapter.weights(layer))
+        if self.mode == "per_step":  # projected every step: keep this layer's weights on the device
+            self._weights[key] = weights
+        ks, vs = zip(*(fusion.project(h.to(device, torch.float32), *weights, self.weight) for h in refs))
         return torch.cat(ks).to(dtype), torch.cat(vs).to(dtype)  # several references concatenate (Eq. 6)
 
     def kv(self, layer: Layer, device, dtype, state: dict | None):
