@@ -13,9 +13,17 @@ case "$version" in
 esac
 root="$(cd "$(dirname "$0")/.." && pwd)"
 host="$root/.hosts/$version"
-done_marker="$host/.ready"
-if [ -f "$done_marker" ]; then echo "host $version ready at $host"; exit 0; fi
+done_marker="$host/.ready"   # holds a hash of the pack's requirement files it was built with
 python="${PYTHON:-python3}"
+req_hash="$(cat "$root/requirements.txt" "$root/requirements-test.txt" | sha256sum | cut -c1-16)"
+if [ -f "$done_marker" ]; then
+  if [ "$(cat "$done_marker")" != "$req_hash" ]; then
+    echo "[setup] the pack's requirements changed: updating $host/venv"
+    "$host/venv/bin/python" -m pip install -q -r "$root/requirements.txt" -r "$root/requirements-test.txt"
+    echo "$req_hash" > "$done_marker"
+  fi
+  echo "host $version ready at $host"; exit 0
+fi
 mkdir -p "$host"
 tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT
 
@@ -33,9 +41,9 @@ pip="$host/venv/bin/python -m pip"
 $pip install -q torch==2.14.1 torchvision==0.29.1
 grep -v -E '^(torch|torchvision|torchaudio)\s*$' "$host/ComfyUI/requirements.txt" > "$tmp/req.txt"
 $pip install -q -r "$tmp/req.txt" requests pytest
-# the pack's own runtime requirements (insightface etc. are optional and imported lazily)
-$pip install -q -r "$root/requirements.txt"
+# the pack's own runtime requirements (the face tooling's are imported lazily), then test-only ones
+$pip install -q -r "$root/requirements.txt" -r "$root/requirements-test.txt"
 
 ln -sfn "$root" "$host/ComfyUI/custom_nodes/ComfyUI-IDFusion"
-touch "$done_marker"
+echo "$req_hash" > "$done_marker"
 echo "host $version ready at $host"
