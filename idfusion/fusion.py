@@ -73,11 +73,13 @@ def key_allow_mask(blocked: torch.Tensor, tokens_per_identity: list[int], n_text
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, allow: torch.Tensor):
-    """Eqs. 4-5 with the Eq. 7 mask. q (b, N_h, D), k/v (b, N_k, D), allow (N_h, N_k) bool -> (b, N_h, D).
+    """Eqs. 4-5 with the Eq. 7 mask. q (b, N_h, D), k/v (b, N_k, D) -> (b, N_h, D).
 
-    A boolean mask goes straight to SDPA (one byte per query-key pair, shared by batch and heads)."""
+    allow: True = may attend; (N_h, N_k) shared by the batch, or (b, N_h or 1, N_k) per row (training drops
+    references per row). A boolean mask goes straight to SDPA, broadcast over heads."""
     b, n_h, d = q.shape
     dh = d // heads
-    q, k, v = (t.view(b, -1, heads, dh).transpose(1, 2) for t in (q, k, v))  # (b, heads, N, dh)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allow[None, None], scale=1.0 / math.sqrt(dh))
+    q, k, v = (t.reshape(b, -1, heads, dh).transpose(1, 2) for t in (q, k, v))  # (b, heads, N, dh)
+    mask = allow[None, None] if allow.ndim == 2 else allow[:, None]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(dh))
     return out.transpose(1, 2).reshape(b, n_h, d)

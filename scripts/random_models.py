@@ -72,6 +72,27 @@ def build_vae(seed: int = 0):
     return comfy.sd.VAE(sd=ae.state_dict())
 
 
+def build_clip(seed: int = 0):
+    """A ComfyUI CLIP object (SD1.5's CLIP-L text encoder and tokenizer) with random weights, on the CPU."""
+    import comfy.sd
+    import comfy.sd1_clip
+    from comfy.supported_models_base import ClipTarget
+    cpu = torch.device("cpu")
+    clip = comfy.sd.CLIP(ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel),
+                         model_options={"load_device": cpu, "offload_device": cpu, "initial_device": cpu, "dtype": torch.float32})
+    _tame_clip(randomize_(clip.cond_stage_model, seed))
+    return clip
+
+
+@torch.no_grad()
+def _tame_clip(clip_model):
+    """Keep CLIP's token/position embeddings small so random text features stay finite."""
+    for n, p in clip_model.named_parameters():
+        if "embedding" in n:
+            p.mul_(0.02 * math.sqrt(p.shape[-1]))
+    return clip_model
+
+
 def write_checkpoint(path: str, seed: int = 0, dtype=torch.float16):
     """A random SD1.5-shaped checkpoint (UNet + CLIP-L text encoder + VAE) in the layout
     CheckpointLoaderSimple reads, saved with ComfyUI's own state_dict_for_saving."""
@@ -83,12 +104,7 @@ def write_checkpoint(path: str, seed: int = 0, dtype=torch.float16):
     model_config = comfy.model_detection.model_config_from_unet_config(cfg)
     model = model_config.get_model({}, device="cpu")
     randomize_(model.diffusion_model, seed)
-    clip = comfy.sd1_clip.SD1ClipModel(device="cpu", dtype=torch.float32)
-    randomize_(clip, seed + 1)
-    with torch.no_grad():  # keep CLIP's positional embedding/text scale tame
-        for n, p in clip.named_parameters():
-            if "embedding" in n:
-                p.mul_(0.02 * math.sqrt(p.shape[-1]))
+    clip = _tame_clip(randomize_(comfy.sd1_clip.SD1ClipModel(device="cpu", dtype=torch.float32), seed + 1))
     ae = AutoencoderKL(ddconfig=VAE_DDCONFIG, embed_dim=4)
     randomize_(ae, seed + 2)
     sd = model.state_dict_for_saving(clip.state_dict(), ae.state_dict(), None)

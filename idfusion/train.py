@@ -1,0 +1,309 @@
+"""Training core for the adapter (paper section 4.1): only Linear_kf / Linear_vf train; UNet, VAE and text
+encoder are frozen. One core serves the ComfyUI training node (nodes/train_nodes.py) and the command line
+(scripts/train.py, which runs on CPU, one GPU, or many under torchrun with DDP).
+
+Objective: the model's own target (eps or v) on the target image, with the reference encoded exactly as at
+inference (identity.run_reference_pass, the encoding convention written into the adapter's metadata).
+Options: reference dropout, masked diffusion loss on the face (FaceSnap Eq. 3), class-guided denoising
+regularisation outside the face (Face2Diffusion Eqs. 5-7), cached or per-step reference encoding.
+
+Every random draw comes from a generator seeded by (seed, step, global row), so a resumed run, and a DDP run
+that splits the same global batch across processes, repeat an uninterrupted single-process run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import fusion
+from .adapter import IDFusionAdapter, read_safetensors, save_safetensors_atomic
+from .identity import reference_sigma, run_reference_pass, text_condition
+
+log = logging.getLogger("IDFusion")
+STATE_FORMAT = "idfusion.train_state"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 1               # global batch: split evenly across DDP processes
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    save_every: int = 100
+    seed: int = 0
+    init: str = "attn1"               # zeros | attn1 | random (a fresh adapter)
+    reference: str = "other image"    # other image (same identity folder) | same image (own face crop)
+    reference_dropout: float = 0.1    # rows trained without identity keys, so CFG can amplify the identity
+    face_loss_weight: float = 0.0     # FaceSnap Eq. 3: loss weight (1 + w * face mask)
+    cgdr_weight: float = 0.0          # Face2Diffusion: outside the face, follow the class prompt's prediction
+    class_prompt: str = "a photo of a person"
+    encoding: str = "cached"          # cached (clean reference at `timestep`) | per_step (noised to the target's sigma)
+    timestep: int = 0
+    reference_text: str = "zeros"     # zeros | empty (CLIP's empty prompt): the reference pass's text
+    mixed_precision: str = "auto"     # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+
+    def encoding_meta(self) -> dict:
+        return {"mode": self.encoding, "timestep": self.timestep, "text": self.reference_text}
+
+
+class TrainPatch:
+    """attn2 replace used in training: per-row h_f and K_f/V_f with gradients (Eqs. 2-5), no caches. Rows whose
+    reference was dropped see the text keys only, exactly like the uncond branch at inference."""
+
+    def __init__(self, adapter: IDFusionAdapter, layer):
+        self.adapter, self.layer = adapter, layer
+
+    def __call__(self, q, k, v, extra):
+        st = extra["idfusion_train"]
+        h_f = st["h_f"][self.layer.key].to(q.dtype)                      # (b, N_f, C)
+        wk, wv = (w.to(q.dtype) for w in self.adapter.weights(self.layer))
+        K_f, V_f = fusion.project(h_f, wk, wv)                           # (b, N_f, D)
+        K, V = torch.cat([k, K_f], dim=1), torch.cat([v, V_f], dim=1)    # Eq. 3
+        allow = torch.ones(q.shape[0], 1, K.shape[1], dtype=torch.bool, device=q.device)
+        allow[:, 0, k.shape[1]:] = st["keep"][:, None]
+        return fusion.masked_attention(q, K, V, extra["n_heads"], allow)
+
+
+class AdapterStep(nn.Module):
+    """The module DDP wraps: its only parameters are the adapter's; the frozen UNet is called inside, not
+    registered, so DDP synchronises exactly Linear_kf / Linear_vf."""
+
+    def __init__(self, adapter: IDFusionAdapter, base_model):
+        super().__init__()
+        self.adapter = adapter
+        self._frozen = [base_model]
+        self._patches = {l.key: TrainPatch(adapter, l) for l in adapter.layers}
+
+    def forward(self, x_t, sigma, context, h_f, keep, y=None):
+        to = {"patches_replace": {"attn2": self._patches}, "idfusion_train": {"h_f": h_f, "keep": keep}}
+        kw = {"y": y} if y is not None else {}
+        return self._frozen[0].apply_model(x_t, sigma, c_crossattn=context, transformer_options=to, **kw)
+
+
+def _loss_weight(model_sampling, sigma):
+    """x0-space squared error times this equals the model's own loss: eps (1/sigma^2) or v ((s^2+sd^2)/(s^2 sd^2))."""
+    import comfy.model_sampling as ms
+    sd = getattr(model_sampling, "sigma_data", 1.0)
+    if isinstance(model_sampling, ms.V_PREDICTION):
+        return (sigma ** 2 + sd ** 2) / (sigma ** 2 * sd ** 2)
+    return 1.0 / sigma ** 2
+
+
+def _row_generator(seed: int, step: int, row: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 10_007 + row) % (2 ** 63))
+
+
+class Trainer:
+    def __init__(self, model_patcher, clip, vae, dataset, out_dir: str, name: str, config: TrainConfig,
+                 adapter: IDFusionAdapter | None = None):
+        import torch.distributed as dist
+        self.model, self.clip, self.vae, self.ds = model_patcher, clip, vae, dataset
+        self.out_dir, self.name, self.cfg = out_dir, name, config
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+        if config.batch_size % self.world:
+            raise ValueError(f"batch_size {config.batch_size} must be divisible by the {self.world} processes.")
+        import comfy.model_management as mm
+        mm.load_models_gpu([model_patcher])
+        self.base = model_patcher.model
+        self.device = model_patcher.load_device
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        self.adapter = adapter or IDFusionAdapter.fresh(model_patcher, init=config.init, seed=config.seed,
+                                                        encoding=config.encoding_meta())
+        self.adapter.encoding = config.encoding_meta()
+        self.adapter.to(self.device)
+        self.step_module = AdapterStep(self.adapter, self.base)
+        self.ddp = self.step_module
+        if self.world > 1:
+            self.ddp = nn.parallel.DistributedDataParallel(self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.opt = torch.optim.AdamW(self.adapter.parameters(), lr=config.lr, weight_decay=0.0)
+        warm = max(config.warmup_steps, 0)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        self.step, self.losses = 0, []
+        self.ref_context, self.ref_y, text = text_condition(model_patcher, clip if config.reference_text == "empty" else None)
+        self._captions, self._latents = {}, {}
+        self.ms = self.base.model_sampling
+
+    # ---- files -------------------------------------------------------------------------------
+    @property
+    def adapter_path(self):
+        return os.path.join(self.out_dir, f"{self.name}.safetensors")
+
+    @property
+    def state_path(self):
+        return os.path.join(self.out_dir, f"{self.name}.train-state.safetensors")
+
+    def save(self):
+        if self.rank != 0:
+            return
+        self.adapter.save(self.adapter_path)
+        tensors = {f"adapter.{k}": v for k, v in self.adapter.state_tensors().items()}
+        opt = self.opt.state_dict()
+        for i, st in opt["state"].items():
+            for k, v in st.items():
+                tensors[f"optim.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+        tensors["rng.torch"] = torch.get_rng_state()
+        meta = {"format": STATE_FORMAT, "format_version": "1", "step": str(self.step), "config": json.dumps(asdict(self.cfg)),
+                "param_groups": json.dumps(opt["param_groups"]), "scheduler": json.dumps(self.sched.state_dict()),
+                "losses": json.dumps(self.losses)}
+        save_safetensors_atomic(tensors, self.state_path, meta)
+        write_loss_curve(self.losses, os.path.join(self.out_dir, f"{self.name}.loss.png"))
+
+    def resume(self) -> bool:
+        if not os.path.isfile(self.state_path):
+            return False
+        tensors, meta = read_safetensors(self.state_path, STATE_FORMAT, "training state")
+        with torch.no_grad():
+            for k, v in self.adapter.state_tensors().items():
+                v.copy_(tensors[f"adapter.{k}"])
+        state = {}
+        for key, t in tensors.items():
+            if key.startswith("optim."):
+                _, i, name = key.split(".", 2)
+                state.setdefault(int(i), {})[name] = t.to(self.device) if name != "step" else t
+        self.opt.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+        self.sched.load_state_dict(json.loads(meta["scheduler"]))
+        torch.set_rng_state(tensors["rng.torch"])
+        self.step, self.losses = int(meta["step"]), json.loads(meta["losses"])
+        log.info("IDFusion training: resumed '%s' at step %d", self.name, self.step)
+        return True
+
+    # ---- data ----------------------------------------------------------------------------------
+    def _index(self, step: int, row: int) -> int:
+        n = len(self.ds)
+        flat = step * self.cfg.batch_size + row
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 7919 + flat // n))
+        return int(perm[flat % n])
+
+    def _caption(self, text: str):
+        if text not in self._captions:
+            if self.clip is None:
+                raise ValueError("Training needs a CLIP to encode captions.")
+            with torch.no_grad():  # frozen text encoder; cached across steps, so no graph may hang on it
+                cond, pooled = self.clip.encode_from_tokens(self.clip.tokenize(text), return_pooled=True)
+            self._captions[text] = (cond.detach().float().cpu(), pooled.detach() if pooled is not None else None)
+        return self._captions[text]
+
+    @torch.no_grad()
+    def _encode(self, image):  # (H, W, 3) -> (1, c, h, w) model-space latent (frozen VAE)
+        return self.base.process_latent_in(self.vae.encode(image[None])).float()
+
+    def _batch(self, step: int):
+        b = self.cfg.batch_size // self.world
+        rows = range(self.rank * b, (self.rank + 1) * b)
+        out = {k: [] for k in ("x0", "ctx", "ref", "mask", "t", "noise", "ref_noise", "keep")}
+        for r in rows:
+            g = _row_generator(self.cfg.seed, step, r)
+            i = self._index(step, r)
+            item = self.ds.load(i, g, same_image_reference=self.cfg.reference == "same image")
+            if i not in self._latents:
+                self._latents[i] = self._encode(item["image"]).cpu()
+            x0 = self._latents[i]
+            out["x0"].append(x0)
+            out["ctx"].append(self._caption(item["caption"])[0])
+            out["ref"].append(self._encode(item["reference"]).cpu())
+            m = item["mask"]
+            out["mask"].append(F.interpolate(m[None, None], size=x0.shape[-2:], mode="area") if m is not None else torch.zeros(1, 1, *x0.shape[-2:]))
+            out["t"].append(torch.randint(0, 1000, (1,), generator=g).float())
+            out["noise"].append(torch.randn(x0.shape, generator=g))
+            out["ref_noise"].append(torch.randn(out["ref"][-1].shape, generator=g))
+            out["keep"].append(torch.rand(1, generator=g) >= self.cfg.reference_dropout)
+        ctx_len = max(c.shape[1] for c in out["ctx"])
+        out["ctx"] = [F.pad(c, (0, 0, 0, ctx_len - c.shape[1])) for c in out["ctx"]]
+        return {k: torch.cat(v).to(self.device) for k, v in out.items()}
+
+    # ---- one step ------------------------------------------------------------------------------
+    def _autocast(self):
+        mp = self.cfg.mixed_precision
+        if self.device.type != "cuda" or mp == "fp32" or (mp == "auto" and self.device.type != "cuda"):
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast("cuda", dtype=torch.float16 if mp == "fp16" else torch.bfloat16)
+
+    def train_step(self) -> float:
+        batch = self._batch(self.step)
+        sigma = self.ms.sigma(batch["t"]).to(self.device)
+        x_t = self.ms.noise_scaling(sigma, batch["noise"], batch["x0"])
+        if self.cfg.encoding == "per_step":
+            ref_sigma = sigma
+            x_ref = self.ms.noise_scaling(sigma, batch["ref_noise"], batch["ref"])
+        else:
+            ref_sigma = reference_sigma(self.model, self.cfg.timestep).expand(x_t.shape[0]).to(self.device)
+            x_ref = batch["ref"]
+        y = None
+        if self.ref_y is not None:  # SDXL-style ADM: zeros/empty for the reference, same for the target
+            y = self.ref_y.to(self.device).expand(x_t.shape[0], -1)
+        with torch.no_grad(), self._autocast():
+            h_f = run_reference_pass(self.base, self.device, x_ref, ref_sigma, self.ref_context, y)
+        with self._autocast():
+            denoised = self.ddp(x_t, sigma, batch["ctx"], h_f, batch["keep"], y)
+        w = _loss_weight(self.ms, sigma).view(-1, 1, 1, 1)
+        face = batch["mask"]
+        err = (denoised.float() - batch["x0"]) ** 2 * w
+        loss = (err * (1.0 + self.cfg.face_loss_weight * face)).mean()
+        if self.cfg.cgdr_weight > 0:
+            cls_ctx = self._caption(self.cfg.class_prompt)[0].to(self.device).expand(x_t.shape[0], -1, -1)
+            with torch.no_grad(), self._autocast():
+                kw = {"y": y} if y is not None else {}
+                den_cls = self.base.apply_model(x_t, sigma, c_crossattn=cls_ctx, **kw).float()
+            loss = loss + self.cfg.cgdr_weight * (((denoised.float() - den_cls) ** 2) * w * (1.0 - face)).mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        value = loss.detach()
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.all_reduce(value)
+            value /= self.world
+        self.step += 1
+        self.losses.append([self.step, float(value)])
+        return float(value)
+
+    def run(self, on_step=None, should_stop=None) -> str:
+        """Train to cfg.steps, saving every cfg.save_every steps and at the end. should_stop() is polled each
+        step (ComfyUI's cancel); on stop the last checkpoint is kept and the exception re-raised."""
+        try:
+            while self.step < self.cfg.steps:
+                if should_stop is not None:
+                    should_stop()
+                loss = self.train_step()
+                if on_step is not None:
+                    on_step(self.step, loss)
+                if self.step % self.cfg.save_every == 0 or self.step == self.cfg.steps:
+                    self.save()
+        except BaseException:
+            log.warning("IDFusion training stopped at step %d; the last checkpoint (%s) is kept.", self.step, self.state_path)
+            raise
+        return self.adapter_path
+
+
+def write_loss_curve(losses, path: str, size=(640, 360)):
+    """A plain loss-curve PNG (PIL only), written atomically beside the checkpoint."""
+    from PIL import Image, ImageDraw
+    W, H = size
+    im = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(im)
+    pad = 40
+    d.rectangle([pad, pad // 2, W - pad // 2, H - pad], outline="black")
+    if losses:
+        steps = [s for s, _ in losses]
+        vals = [math.log10(max(v, 1e-12)) for _, v in losses]
+        lo, hi = min(vals), max(vals)
+        hi = hi if hi > lo else lo + 1
+        s0, s1 = steps[0], max(steps[-1], steps[0] + 1)
+        pts = [(pad + (s - s0) / (s1 - s0) * (W - 1.5 * pad), H - pad - (v - lo) / (hi - lo) * (H - 1.5 * pad)) for s, v in zip(steps, vals)]
+        if len(pts) > 1:
+            d.line(pts, fill=(30, 90, 200), width=2)
+        d.text((pad, H - pad + 8), f"step {s0} .. {steps[-1]}   log10(loss) {lo:.2f} .. {hi:.2f}   last {losses[-1][1]:.4g}", fill="black")
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    im.save(tmp)
+    os.replace(tmp, path)

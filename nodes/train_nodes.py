@@ -1,0 +1,100 @@
+"""The training node, kept apart from the inference nodes: trains Linear_kf / Linear_vf on a dataset folder
+and writes only inside models/idfusion (the adapter, plus training/ for its state and loss curve)."""
+import os
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+import numpy as np
+import torch
+from PIL import Image
+
+from ..idfusion.dataset import FaceDataset
+from ..idfusion.train import TrainConfig, Trainer
+from .common import CATEGORY, FOLDER, _SAFE
+
+DATASETS = "idfusion_datasets"
+
+
+def dataset_folders() -> list[str]:
+    root = os.path.join(folder_paths.get_input_directory(), DATASETS)
+    return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))) if os.path.isdir(root) else []
+
+
+class IDFusionTrainAdapter:
+    @classmethod
+    def INPUT_TYPES(cls):
+        d = TrainConfig()
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The base model (frozen). The adapter is shaped for it."}),
+            "clip": ("CLIP", {"tooltip": "Encodes the captions (frozen)."}),
+            "vae": ("VAE", {"tooltip": "Encodes targets and references (frozen)."}),
+            "dataset": (dataset_folders(), {"tooltip": f"A folder in ComfyUI/input/{DATASETS}/: images with .txt captions, "
+                        "optional identity subfolders and optional <name>_mask.png face masks."}),
+            "adapter_name": ("STRING", {"default": "my_idfusion", "tooltip": "Saved as models/idfusion/<name>.safetensors (letters, digits, '_', '-')."}),
+            "steps": ("INT", {"default": d.steps, "min": 1, "max": 1_000_000, "tooltip": "Total optimisation steps (a resumed run continues to this)."}),
+            "batch_size": ("INT", {"default": d.batch_size, "min": 1, "max": 64, "tooltip": "Images per step."}),
+            "learning_rate": ("FLOAT", {"default": d.lr, "min": 1e-7, "max": 1e-2, "step": 1e-6, "tooltip": "AdamW learning rate."}),
+            "resolution": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 64, "tooltip": "Images are centre-cropped to this square size."}),
+            "save_every": ("INT", {"default": d.save_every, "min": 1, "max": 100_000, "tooltip": "Checkpoint interval (atomic writes)."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "tooltip": "Seeds every random draw; a resumed run repeats an uninterrupted one."}),
+            "init": (["attn1", "zeros", "random"], {"tooltip": "Initialisation of a new adapter (ignored when resuming)."}),
+            "reference": (["other image", "same image"], {"tooltip": "Reference = another image of the same identity folder, or the sample's own face crop (augmented)."}),
+            "reference_dropout": ("FLOAT", {"default": d.reference_dropout, "min": 0.0, "max": 1.0, "step": 0.01,
+                                  "tooltip": "Share of samples trained without identity keys, so CFG can amplify the identity."}),
+            "face_loss_weight": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 0.1, "tooltip": "Masked diffusion loss (FaceSnap Eq. 3): extra weight on the face mask."}),
+            "cgdr_weight": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 0.1, "tooltip": "Class-guided regularisation (Face2Diffusion): outside the face, follow the class prompt's prediction."}),
+            "class_prompt": ("STRING", {"default": d.class_prompt, "tooltip": "The class prompt for cgdr."}),
+            "encoding": (["cached", "per_step"], {"tooltip": "How references are encoded: clean once (cached) or noised to the target's sigma (per_step). Written into the adapter."}),
+            "resume": ("BOOLEAN", {"default": True, "tooltip": "Continue from models/idfusion/training/<name>.train-state.safetensors if it exists."}),
+        }}
+
+    RETURN_TYPES = ("IDFUSION_ADAPTER", "IMAGE")
+    RETURN_NAMES = ("adapter", "loss_curve")
+    OUTPUT_NODE = True
+    FUNCTION = "train"
+    CATEGORY = CATEGORY + "/training"
+    DESCRIPTION = "Trains an IDFusion adapter (only Linear_kf/Linear_vf). Cancel keeps the last checkpoint; run again to resume."
+
+    def train(self, model, clip, vae, dataset, adapter_name, steps, batch_size, learning_rate, resolution, save_every, seed,
+              init, reference, reference_dropout, face_loss_weight, cgdr_weight, class_prompt, encoding, resume):
+        if not _SAFE.match(adapter_name or "") or " " in adapter_name:
+            raise ValueError(f"adapter_name {adapter_name!r} may only contain letters, digits, '_' and '-': the adapter is always saved in models/idfusion.")
+        if dataset not in dataset_folders():
+            raise ValueError(f"dataset {dataset!r} is not a folder in ComfyUI/input/{DATASETS}/.")
+        root = folder_paths.get_folder_paths(FOLDER)[0]
+        work = os.path.join(root, "training")
+        os.makedirs(work, exist_ok=True)
+        cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=learning_rate, save_every=save_every, seed=seed, init=init,
+                          reference=reference, reference_dropout=reference_dropout, face_loss_weight=face_loss_weight,
+                          cgdr_weight=cgdr_weight, class_prompt=class_prompt, encoding=encoding)
+        ds = FaceDataset(os.path.join(folder_paths.get_input_directory(), DATASETS, dataset), resolution)
+        trainer = Trainer(model, clip, vae, ds, work, adapter_name, cfg)
+        if not resume and os.path.exists(trainer.state_path):
+            os.remove(trainer.state_path)
+        trainer.resume()
+        pbar = comfy.utils.ProgressBar(steps)
+        pbar.update_absolute(trainer.step, steps)
+
+        def on_step(step, loss):
+            pbar.update_absolute(step, steps)
+            _progress_text(f"step {step}/{steps}  loss {loss:.4f}")
+
+        trainer.run(on_step=on_step, should_stop=comfy.model_management.throw_exception_if_processing_interrupted)
+        final = os.path.join(root, f"{adapter_name}.safetensors")
+        trainer.adapter.save(final)  # the loadable adapter, next to the others
+        curve = os.path.join(work, f"{adapter_name}.loss.png")
+        image = torch.from_numpy(np.asarray(Image.open(curve).convert("RGB"), dtype=np.float32) / 255.0)[None]
+        return {"ui": {"text": [final]}, "result": (trainer.adapter.cpu(), image)}
+
+
+def _progress_text(text):
+    try:
+        from server import PromptServer
+        PromptServer.instance.send_progress_text(text, PromptServer.instance.last_node_id)
+    except Exception:  # no server (tests, scripts): the progress bar is enough
+        pass
+
+
+NODE_CLASS_MAPPINGS = {"IDFusionTrainAdapter": IDFusionTrainAdapter}
+NODE_DISPLAY_NAME_MAPPINGS = {"IDFusionTrainAdapter": "IDFusion Train Adapter"}

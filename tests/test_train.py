@@ -1,0 +1,119 @@
+"""Training core: dataset handling, only the adapter trains, atomic checkpoints and exact resume, the node's
+output folder. Full-width SD1.5 UNet with random weights, 64 px images (8x8 latents), a few steps."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import idfusion_pack
+from idfusion_pack.idfusion.adapter import IDFusionAdapter
+from idfusion_pack.idfusion.dataset import FaceDataset
+from idfusion_pack.idfusion.train import TrainConfig, Trainer
+
+
+def face(color, shift=0, size=64):
+    im = Image.new("RGB", (size, size), (200, 220, 240))
+    d = ImageDraw.Draw(im)
+    d.ellipse([14 + shift, 10, 50 + shift, 54], fill=color)
+    d.ellipse([22 + shift, 24, 28 + shift, 30], fill="black")
+    d.ellipse([36 + shift, 24, 42 + shift, 30], fill="black")
+    return im
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faces")
+    for who, color in (("ann", (230, 180, 150)), ("bob", (120, 80, 60))):
+        (root / who).mkdir()
+        for i in range(2):
+            face(color, shift=4 * i).save(root / who / f"{who}{i}.png")
+            (root / who / f"{who}{i}.txt").write_text(f"a photo of {who}, smiling" if i else f"a photo of {who}")
+        mask = Image.new("L", (64, 64), 0)
+        ImageDraw.Draw(mask).ellipse([14, 10, 50, 54], fill=255)
+        mask.save(root / who / f"{who}0_mask.png")
+    (root / "ann" / "broken.png").write_bytes(b"not a png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def parts():
+    import random_models
+    return random_models.build_clip(seed=4), random_models.build_vae(seed=5)
+
+
+def test_dataset_skips_unreadable_files_and_pairs_references(dataset_dir):
+    ds = FaceDataset(str(dataset_dir), 64)
+    assert len(ds) == 4 and len(ds.skipped) == 1 and ds.skipped[0].endswith("broken.png")
+    assert set(ds.by_identity) == {"ann", "bob"}
+    item = ds.load(0, torch.Generator().manual_seed(0))
+    assert item["image"].shape == (64, 64, 3) and item["reference"].shape == (64, 64, 3)
+    assert item["mask"] is not None and item["caption"] == "a photo of ann"
+    # the reference is the other image of the same identity
+    other = ds.load(1, torch.Generator().manual_seed(0))["image"]
+    assert torch.equal(item["reference"], other)
+
+
+def _trainer(sd15, parts, ds, out, name, **kw):
+    clip, vae = parts
+    cfg = TrainConfig(**{"steps": 3, "batch_size": 2, "lr": 1e-3, "save_every": 1, "seed": 7, "init": "random",
+                         "reference_dropout": 0.3, "face_loss_weight": 1.0, **kw})
+    return Trainer(sd15, clip, vae, ds, str(out), name, cfg)
+
+
+def test_only_the_adapter_trains_and_checkpoints_are_written(sd15, parts, dataset_dir, tmp_path):
+    ds = FaceDataset(str(dataset_dir), 64)
+    unet = sd15.model.diffusion_model
+    before = {n: p.detach().clone() for n, p in list(unet.named_parameters())[::50]}
+    t = _trainer(sd15, parts, ds, tmp_path, "run", cgdr_weight=0.5)
+    start = {k: v.clone() for k, v in t.adapter.state_tensors().items()}
+    t.run()
+    assert t.step == 3 and len(t.losses) == 3 and all(np.isfinite(l) for _, l in t.losses)
+    assert all(not torch.equal(start[k], v) for k, v in t.adapter.state_tensors().items())
+    for n, p in unet.named_parameters():
+        assert not p.requires_grad
+        if n in before:
+            assert torch.equal(before[n], p.detach())
+    files = sorted(os.listdir(tmp_path))
+    assert files == ["run.loss.png", "run.safetensors", "run.train-state.safetensors"], files
+    saved = IDFusionAdapter.load(str(tmp_path / "run.safetensors"))
+    assert saved.encoding == {"mode": "cached", "timestep": 0, "text": "zeros"}
+    with Image.open(tmp_path / "run.loss.png") as im:
+        assert im.size == (640, 360)
+
+
+def test_resume_repeats_an_uninterrupted_run(sd15, parts, dataset_dir, tmp_path):
+    ds = FaceDataset(str(dataset_dir), 64)
+    full = _trainer(sd15, parts, ds, tmp_path / "a", "x")
+    full.run()
+    first = _trainer(sd15, parts, ds, tmp_path / "b", "x", steps=2)
+    first.run()
+    resumed = _trainer(sd15, parts, ds, tmp_path / "b", "x")
+    assert resumed.resume() and resumed.step == 2
+    resumed.run()
+    assert [l for _, l in resumed.losses] == pytest.approx([l for _, l in full.losses], rel=1e-5)
+    for k, v in full.adapter.state_tensors().items():
+        torch.testing.assert_close(resumed.adapter.state_tensors()[k], v, rtol=1e-5, atol=1e-7)
+
+
+def test_training_node_writes_only_inside_models_idfusion(sd15, parts, dataset_dir, idfusion_dir, tmp_path, monkeypatch):
+    import folder_paths
+    import shutil
+    inp = tmp_path / "input"
+    shutil.copytree(dataset_dir, inp / "idfusion_datasets" / "faces")
+    monkeypatch.setattr(folder_paths, "get_input_directory", lambda: str(inp))
+    node = idfusion_pack.NODE_CLASS_MAPPINGS["IDFusionTrainAdapter"]()
+    assert node.INPUT_TYPES()["required"]["dataset"][0] == ["faces"]
+    args = dict(model=sd15, clip=parts[0], vae=parts[1], dataset="faces", adapter_name="mine", steps=1, batch_size=1,
+                learning_rate=1e-4, resolution=64, save_every=1, seed=0, init="zeros", reference="same image",
+                reference_dropout=0.0, face_loss_weight=0.0, cgdr_weight=0.0, class_prompt="a photo of a person",
+                encoding="per_step", resume=True)
+    out = node.train(**args)
+    adapter, curve = out["result"]
+    assert curve.shape[0] == 1 and curve.shape[-1] == 3
+    assert sorted(os.listdir(idfusion_dir)) == ["mine.safetensors", "training"]
+    assert IDFusionAdapter.load(str(idfusion_dir / "mine.safetensors")).encoding["mode"] == "per_step"
+    for bad in ("../x", "a/b", "x y"):
+        with pytest.raises(ValueError, match="adapter_name"):
+            node.train(**{**args, "adapter_name": bad})
