@@ -50,6 +50,16 @@ def sdxl_structure():
     return random_models.build_model("SDXL", device="meta")
 
 
+@pytest.fixture(scope="session")
+def random_checkpoint(tmp_path_factory):
+    """A random-weight SD1.5-shaped checkpoint file (~2 GB, UNet + CLIP-L + VAE), written once per session."""
+    import random_models
+    path = tmp_path_factory.mktemp("checkpoint") / "random_sd15.safetensors"
+    random_models.write_checkpoint(str(path), seed=0)
+    yield path
+    path.unlink(missing_ok=True)  # pytest keeps the last few tmp dirs; don't keep 2 GB in them
+
+
 @pytest.fixture
 def idfusion_dir(tmp_path, monkeypatch):
     """An empty models/idfusion for this test, registered through folder_paths like a user's folder."""

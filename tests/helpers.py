@@ -76,3 +76,29 @@ def fused_attention_reference(n, context, attn2, adapter, layer, identities, reg
             S /= S.sum(axis=1, keepdims=True)
             out[b, :, s] = S @ V[:, s]                     # Eq. 5
     return out @ Wo.T + bo
+
+
+def face(color, shift=0, size=64):
+    """A flat cartoon face: a coloured oval with two eyes, shifted sideways."""
+    from PIL import Image, ImageDraw
+    im = Image.new("RGB", (size, size), (200, 220, 240))
+    d = ImageDraw.Draw(im)
+    d.ellipse([14 + shift, 10, 50 + shift, 54], fill=color)
+    d.ellipse([22 + shift, 24, 28 + shift, 30], fill="black")
+    d.ellipse([36 + shift, 24, 42 + shift, 30], fill="black")
+    return im
+
+
+def make_face_dataset(root):
+    """Two identity folders of two captioned 64 px faces each, one face mask each, and one unreadable file."""
+    from PIL import Image, ImageDraw
+    for who, color in (("ann", (230, 180, 150)), ("bob", (120, 80, 60))):
+        (root / who).mkdir()
+        for i in range(2):
+            face(color, shift=4 * i).save(root / who / f"{who}{i}.png")
+            (root / who / f"{who}{i}.txt").write_text(f"a photo of {who}, smiling" if i else f"a photo of {who}")
+        mask = Image.new("L", (64, 64), 0)
+        ImageDraw.Draw(mask).ellipse([14, 10, 50, 54], fill=255)
+        mask.save(root / who / f"{who}0_mask.png")
+    (root / "ann" / "broken.png").write_bytes(b"not a png")
+    return root

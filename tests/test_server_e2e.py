@@ -20,21 +20,19 @@ REFERENCE = os.path.join(ROOT, "workflows", "assets", "reference_face.png")
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    import random_models
+def server(tmp_path_factory, random_checkpoint):
     base = tmp_path_factory.mktemp("comfy_base")
     os.makedirs(base / "input")
+    os.makedirs(base / "models" / "checkpoints")
     shutil.copyfile(REFERENCE, base / "input" / "idfusion_reference.png")
+    os.symlink(random_checkpoint, base / "models" / "checkpoints" / "random_sd15.safetensors")
     srv = comfy_server.ComfyServer(COMFYUI, str(base), python=sys.executable)
-    ckpt = base / "models" / "checkpoints" / "random_sd15.safetensors"
-    srv.launch()  # the server boots while the checkpoint is written
+    srv.launch()
     try:
-        random_models.write_checkpoint(str(ckpt), seed=0)
         srv.wait_ready(timeout=240)
         yield srv
     finally:
         srv.stop()
-        ckpt.unlink(missing_ok=True)  # 2 GB; pytest keeps the last few tmp dirs (the server log stays)
 
 
 def test_pack_nodes_registered(server):

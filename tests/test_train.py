@@ -5,7 +5,9 @@ import os
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
+
+from helpers import make_face_dataset
 
 import idfusion_pack
 from idfusion_pack.idfusion.adapter import IDFusionAdapter
@@ -13,28 +15,9 @@ from idfusion_pack.idfusion.dataset import FaceDataset
 from idfusion_pack.idfusion.train import TrainConfig, Trainer
 
 
-def face(color, shift=0, size=64):
-    im = Image.new("RGB", (size, size), (200, 220, 240))
-    d = ImageDraw.Draw(im)
-    d.ellipse([14 + shift, 10, 50 + shift, 54], fill=color)
-    d.ellipse([22 + shift, 24, 28 + shift, 30], fill="black")
-    d.ellipse([36 + shift, 24, 42 + shift, 30], fill="black")
-    return im
-
-
 @pytest.fixture(scope="module")
 def dataset_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faces")
-    for who, color in (("ann", (230, 180, 150)), ("bob", (120, 80, 60))):
-        (root / who).mkdir()
-        for i in range(2):
-            face(color, shift=4 * i).save(root / who / f"{who}{i}.png")
-            (root / who / f"{who}{i}.txt").write_text(f"a photo of {who}, smiling" if i else f"a photo of {who}")
-        mask = Image.new("L", (64, 64), 0)
-        ImageDraw.Draw(mask).ellipse([14, 10, 50, 54], fill=255)
-        mask.save(root / who / f"{who}0_mask.png")
-    (root / "ann" / "broken.png").write_bytes(b"not a png")
-    return root
+    return make_face_dataset(tmp_path_factory.mktemp("faces"))
 
 
 @pytest.fixture(scope="module")
