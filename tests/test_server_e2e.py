@@ -85,3 +85,25 @@ def test_multi_identity_workflow_writes_image(server):
     assert len(images) == 1 and os.path.basename(images[0]).startswith("IDFusion_multi")
     with Image.open(images[0]) as im:
         assert im.size == (64, 64)
+
+
+def test_face_repaint_workflow_repaints_only_the_face(server):
+    """Face tooling over HTTP: Haar detection on a real photo (scikit-image's astronaut), crop with context,
+    masked re-sampling with the identity, stitch back. Outside the repainted box the photo is unchanged."""
+    import numpy as np
+    from skimage import data
+    Image.fromarray(data.astronaut()).save(os.path.join(server.dir("input"), "astronaut.png"))
+    wf = comfy_server.load_workflow(os.path.join(ROOT, "workflows", "idfusion_face_repaint_api.json"))
+    wf["19"] = {"class_type": "LoadImage", "inputs": {"image": "astronaut.png"}}
+    wf["12"]["inputs"].update(image=["19", 0], size=64, no_face="error")   # a face must be found
+    wf["15"]["inputs"].update(steps=2)
+    images = server.run(wf, timeout=300)
+    assert len(images) == 1
+    with Image.open(images[0]) as im:
+        out = np.asarray(im.convert("RGB")).astype(int)
+    src = data.astronaut().astype(int)
+    assert out.shape == src.shape
+    changed = np.argwhere(np.abs(out - src).sum(-1) > 0)
+    assert len(changed) > 0, "nothing was repainted"
+    (y0, x0), (y1, x1) = changed.min(0), changed.max(0)
+    assert (y1 - y0) * (x1 - x0) < 0.4 * src.shape[0] * src.shape[1], "the repaint spilled beyond the face"
