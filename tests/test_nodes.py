@@ -11,7 +11,6 @@ from safetensors.torch import save_file
 import idfusion_pack
 from helpers import random_identity
 from idfusion_pack.idfusion.adapter import AdapterError, IDFusionAdapter
-from idfusion_pack.idfusion.identity import Identity
 
 NODES = idfusion_pack.NODE_CLASS_MAPPINGS
 
