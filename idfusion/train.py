@@ -130,6 +130,7 @@ class Trainer:
         self.step, self.losses = 0, []
         self.ref_context, self.ref_y, text = text_condition(model_patcher, clip if config.reference_text == "empty" else None)
         self._captions, self._latents = {}, {}
+        self._perm = (-1, None)  # (epoch, permutation of the dataset) for _index
         self.ms = self.base.model_sampling
 
     # ---- files -------------------------------------------------------------------------------
@@ -178,10 +179,13 @@ class Trainer:
 
     # ---- data ----------------------------------------------------------------------------------
     def _index(self, step: int, row: int) -> int:
+        """Dataset index of a global row: one seeded permutation per epoch, drawn once, not per row."""
         n = len(self.ds)
         flat = step * self.cfg.batch_size + row
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 7919 + flat // n))
-        return int(perm[flat % n])
+        epoch = flat // n
+        if self._perm[0] != epoch:
+            self._perm = (epoch, torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch)))
+        return int(self._perm[1][flat % n])
 
     def _caption(self, text: str):
         if text not in self._captions:
