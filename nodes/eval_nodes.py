@@ -1,5 +1,7 @@
 """Evaluation node (paper section 4.2): ArcFace identity similarity/distance and face-region SSIM/PSNR against
 the reference."""
+import math
+
 import numpy as np
 
 from ..idfusion import faces as F
@@ -17,6 +19,13 @@ def evaluate(fa, rgb, ref_rgb, ref_face, size, margin):
     a = F.warp(rgb, F.crop_matrix(face, size, margin), size).astype(np.float64) / 255.0
     b = F.warp(ref_rgb, F.crop_matrix(ref_face, size, margin), size).astype(np.float64) / 255.0
     return dict(found=True, similarity=sim, distance=1.0 - sim, ssim=metrics.ssim(a, b), psnr=metrics.psnr(a, b))
+
+
+def ui_scores(row):
+    """One image's scores for the `idfusion_scores` ui entry (read by scripts/face_benchmark.py from /history).
+    The UI parses the same message with JSON.parse, which rejects Infinity, so a non-finite score (PSNR of identical
+    crops) travels as its string, "inf"."""
+    return {k: v if k == "found" else (float(v) if math.isfinite(v) else str(float(v))) for k, v in row.items()}
 
 
 class IDFusionFaceEvaluate:
@@ -57,7 +66,7 @@ class IDFusionFaceEvaluate:
                                    f"psnr {r['psnr']:.2f} dB" if r["found"] else "no face") for i, r in enumerate(rows)]
         report = "\n".join(lines)
         found = all(r["found"] for r in rows)
-        return {"ui": {"text": [report]},
+        return {"ui": {"text": [report], "idfusion_scores": [ui_scores(r) for r in rows]},
                 "result": (mean["similarity"], mean["distance"], mean["ssim"], mean["psnr"], found, report)}
 
 

@@ -8,6 +8,11 @@ Library:
         server.check_nodes(["IDFusionApply", ...])
         images = server.run(prompt_dict, timeout=300)                       # absolute paths
 
+    client = ComfyClient("http://127.0.0.1:8188")       # a server started elsewhere: the same API, files over HTTP
+    name = client.upload_image("face.png")                # into its input folder, for a LoadImage node
+    entry = client.wait(client.queue(prompt_dict))        # the history entry
+    png = client.view(entry["outputs"][node_id]["images"][0])   # an output image's bytes
+
 CLI:
     python scripts/comfy_server.py run workflows/idfusion_basic_api.json --base DIR [--comfyui DIR] [--python PY]
     python scripts/comfy_server.py serve --base DIR [--port 8188]           # keep it running until Ctrl-C
@@ -81,7 +86,137 @@ def format_node_errors(node_errors: dict) -> str:
     return "\n".join(lines)
 
 
-class ComfyServer:
+class ComfyClient:
+    """The HTTP API of a running ComfyUI server: queue prompts, wait for them, upload inputs, fetch outputs."""
+
+    def __init__(self, url: str | None = None):
+        self._url = (url or "").rstrip("/")
+        self.client_id = uuid.uuid4().hex
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    # a server someone else started has no process or log here; ComfyServer overrides these three
+    def _check_alive(self, when: str):
+        pass
+
+    def _log_hint(self) -> str:
+        return "See the ComfyUI server's console for details."
+
+    def _node_load_hint(self) -> str:
+        return "Check the server's console for 'IMPORT FAILED' lines of the custom node pack that provides them."
+
+    # ---- HTTP --------------------------------------------------------------------------------------
+    def _http(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None,
+              timeout: float = 30.0) -> bytes:
+        req = urllib.request.Request(self.url + path, data=body, method=method,
+                                     headers={"Content-Type": content_type} if content_type else {})
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.read()
+
+    def _request(self, method: str, path: str, data=None, timeout: float = 30.0):
+        body = json.dumps(data).encode() if data is not None else None
+        return json.loads(self._http(method, path, body, "application/json" if body else None, timeout).decode() or "null")
+
+    def get_json(self, path: str, timeout: float = 30.0):
+        return self._request("GET", path, timeout=timeout)
+
+    def post_json(self, path: str, data, timeout: float = 30.0):
+        return self._request("POST", path, data, timeout=timeout)
+
+    # ---- API ---------------------------------------------------------------------------------------
+    def object_info(self) -> dict:
+        return self.get_json("/object_info", timeout=120)
+
+    def check_nodes(self, names) -> dict:
+        """Raise unless every node class in `names` is registered; returns /object_info."""
+        info = self.object_info()
+        missing = sorted(set(names) - set(info))
+        if missing:
+            raise ComfyServerError(f"Nodes not registered by the server: {', '.join(missing)}.\n{self._node_load_hint()}")
+        return info
+
+    def upload_image(self, path: str) -> str:
+        """POST /upload/image (multipart, what the UI's upload button sends) into the server's input folder; returns
+        the name for a LoadImage node. A different file of the same name is kept: the server picks a new name."""
+        boundary = uuid.uuid4().hex
+        name = os.path.basename(path).replace('"', "_")
+        with open(path, "rb") as f:
+            data = f.read()
+        body = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
+                f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+        try:
+            info = json.loads(self._http("POST", "/upload/image", body, f"multipart/form-data; boundary={boundary}", 120))
+        except urllib.error.HTTPError as e:
+            raise ComfyServerError(f"Uploading {path} failed with HTTP {e.code}: {e.read().decode(errors='replace')[:500]}") from None
+        return f"{info['subfolder']}/{info['name']}" if info.get("subfolder") else info["name"]
+
+    def view(self, image: dict, timeout: float = 120.0) -> bytes:
+        """The bytes of an image listed in a history entry ({filename, subfolder, type}), from GET /view."""
+        query = urllib.parse.urlencode({"filename": image["filename"], "subfolder": image.get("subfolder") or "",
+                                        "type": image.get("type") or "output"})
+        return self._http("GET", "/view?" + query, timeout=timeout)
+
+    def queue(self, prompt: dict) -> str:
+        """POST /prompt; returns the prompt id. Validation errors raise with the server's message."""
+        try:
+            r = self.post_json("/prompt", {"prompt": prompt, "client_id": self.client_id})
+        except urllib.error.HTTPError as e:
+            text = e.read().decode(errors="replace")
+            try:
+                err = json.loads(text)
+            except ValueError:
+                raise ComfyServerError(f"POST /prompt failed with HTTP {e.code}: {text[:2000]}") from None
+            e_ = err.get("error") or {}
+            msg = e_.get("message", str(e_)) if isinstance(e_, dict) else str(e_)
+            details = e_.get("details", "") if isinstance(e_, dict) else ""
+            raise ComfyServerError(f"The server rejected the prompt: {msg}" + (f" ({details})" if details else "")
+                                   + ("\n" + format_node_errors(err.get("node_errors")) if err.get("node_errors") else "")) from None
+        if r.get("node_errors"):
+            raise ComfyServerError("The server reported node errors:\n" + format_node_errors(r["node_errors"]))
+        return r["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = 300.0, poll: float = 0.5) -> dict:
+        """Poll /history/<id> until the prompt finished; returns its history entry, raises on failure."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check_alive(f"while running prompt {prompt_id}")
+            try:
+                entry = self.get_json(f"/history/{urllib.parse.quote(prompt_id)}").get(prompt_id)
+            except (urllib.error.URLError, socket.timeout, ConnectionError) as e:  # busy server: ask again
+                if isinstance(e, urllib.error.HTTPError):
+                    raise ComfyServerError(f"GET /history/{prompt_id} failed with HTTP {e.code}") from None
+                if isinstance(getattr(e, "reason", e), ConnectionRefusedError):  # nothing listens: it is gone, not busy
+                    self._check_alive(f"while running prompt {prompt_id}")
+                    raise ComfyServerError(f"ComfyUI at {self.url} stopped answering while running prompt {prompt_id}.\n"
+                                           f"{self._log_hint()}") from None
+                entry = None
+            if entry is not None:
+                # the history entry is only written once the prompt is done, successfully or not
+                status = entry.get("status") or {}
+                if status.get("status_str") == "error" or status.get("completed") is False:
+                    raise ComfyServerError(self._execution_error(prompt_id, status))
+                return entry
+            if time.monotonic() > deadline:
+                raise ComfyServerError(f"Prompt {prompt_id} did not finish within {timeout:.0f}s.\n{self._log_hint()}")
+            time.sleep(poll)
+
+    def _execution_error(self, prompt_id: str, status: dict) -> str:
+        for event, data in status.get("messages", []):
+            if event == "execution_error":
+                tb = "".join(data.get("traceback") or [])
+                return (f"Prompt {prompt_id} failed in node {data.get('node_id')} ({data.get('node_type')}): "
+                        f"{data.get('exception_type')}: {data.get('exception_message', '').strip()}\n"
+                        f"Server traceback:\n{tb}")
+            if event == "execution_interrupted":
+                return f"Prompt {prompt_id} was interrupted at node {data.get('node_id')} ({data.get('node_type')})."
+        return f"Prompt {prompt_id} failed (status {status.get('status_str')!r}).\n{self._log_hint()}"
+
+
+class ComfyServer(ComfyClient):
+    """A ComfyUI server this process starts (and stops), in a base directory of its own."""
+
     def __init__(self, comfyui_dir: str | None = None, base_dir: str = "", python: str | None = None,
                  port: int | None = None, host: str = "127.0.0.1", pack_dir: str | None = ROOT,
                  extra_args: list[str] | tuple = (), env: dict | None = None):
@@ -100,7 +235,7 @@ class ComfyServer:
         self.log_path = os.path.join(self.base_dir, LOG_NAME)
         self.proc: subprocess.Popen | None = None
         self._log = None
-        self.client_id = uuid.uuid4().hex
+        super().__init__()
 
     # ---- paths -------------------------------------------------------------------------------------
     @property
@@ -192,88 +327,15 @@ class ComfyServer:
         self.stop()
         return False
 
-    # ---- HTTP --------------------------------------------------------------------------------------
-    def _request(self, method: str, path: str, data=None, timeout: float = 30.0):
-        body = json.dumps(data).encode() if data is not None else None
-        req = urllib.request.Request(self.url + path, data=body, method=method,
-                                     headers={"Content-Type": "application/json"} if body else {})
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return json.loads(r.read().decode() or "null")
+    def _log_hint(self) -> str:
+        return f"Last lines of {self.log_path}:\n{self.log_tail()}"
 
-    def get_json(self, path: str, timeout: float = 30.0):
-        return self._request("GET", path, timeout=timeout)
+    def _node_load_hint(self) -> str:
+        hints = [l for l in self.log_tail(400).splitlines()
+                 if "IDFusion" in l or "import failed" in l.lower() or "cannot import" in l.lower()]
+        return f"Custom-node lines from {self.log_path}:\n" + "\n".join(hints[-30:])
 
-    def post_json(self, path: str, data, timeout: float = 30.0):
-        return self._request("POST", path, data, timeout=timeout)
-
-    # ---- API ---------------------------------------------------------------------------------------
-    def object_info(self) -> dict:
-        return self.get_json("/object_info", timeout=120)
-
-    def check_nodes(self, names) -> dict:
-        """Raise unless every node class in `names` is registered; returns /object_info."""
-        info = self.object_info()
-        missing = sorted(set(names) - set(info))
-        if missing:
-            hints = [l for l in self.log_tail(400).splitlines()
-                     if "IDFusion" in l or "import failed" in l.lower() or "cannot import" in l.lower()]
-            raise ComfyServerError(f"Nodes not registered by the server: {', '.join(missing)}.\n"
-                                   f"Custom-node lines from {self.log_path}:\n" + "\n".join(hints[-30:]))
-        return info
-
-    def queue(self, prompt: dict) -> str:
-        """POST /prompt; returns the prompt id. Validation errors raise with the server's message."""
-        try:
-            r = self.post_json("/prompt", {"prompt": prompt, "client_id": self.client_id})
-        except urllib.error.HTTPError as e:
-            text = e.read().decode(errors="replace")
-            try:
-                err = json.loads(text)
-            except ValueError:
-                raise ComfyServerError(f"POST /prompt failed with HTTP {e.code}: {text[:2000]}") from None
-            e_ = err.get("error") or {}
-            msg = e_.get("message", str(e_)) if isinstance(e_, dict) else str(e_)
-            details = e_.get("details", "") if isinstance(e_, dict) else ""
-            raise ComfyServerError(f"The server rejected the prompt: {msg}" + (f" ({details})" if details else "")
-                                   + ("\n" + format_node_errors(err.get("node_errors")) if err.get("node_errors") else "")) from None
-        if r.get("node_errors"):
-            raise ComfyServerError("The server reported node errors:\n" + format_node_errors(r["node_errors"]))
-        return r["prompt_id"]
-
-    def wait(self, prompt_id: str, timeout: float = 300.0, poll: float = 0.5) -> dict:
-        """Poll /history/<id> until the prompt finished; returns its history entry, raises on failure."""
-        deadline = time.monotonic() + timeout
-        while True:
-            self._check_alive(f"while running prompt {prompt_id}")
-            try:
-                entry = self.get_json(f"/history/{urllib.parse.quote(prompt_id)}").get(prompt_id)
-            except (urllib.error.URLError, socket.timeout, ConnectionError) as e:  # busy server: ask again
-                if isinstance(e, urllib.error.HTTPError):
-                    raise ComfyServerError(f"GET /history/{prompt_id} failed with HTTP {e.code}") from None
-                entry = None
-            if entry is not None:
-                # the history entry is only written once the prompt is done, successfully or not
-                status = entry.get("status") or {}
-                if status.get("status_str") == "error" or status.get("completed") is False:
-                    raise ComfyServerError(self._execution_error(prompt_id, status))
-                return entry
-            if time.monotonic() > deadline:
-                raise ComfyServerError(f"Prompt {prompt_id} did not finish within {timeout:.0f}s.\n"
-                                       f"Last lines of {self.log_path}:\n{self.log_tail()}")
-            time.sleep(poll)
-
-    def _execution_error(self, prompt_id: str, status: dict) -> str:
-        for event, data in status.get("messages", []):
-            if event == "execution_error":
-                tb = "".join(data.get("traceback") or [])
-                return (f"Prompt {prompt_id} failed in node {data.get('node_id')} ({data.get('node_type')}): "
-                        f"{data.get('exception_type')}: {data.get('exception_message', '').strip()}\n"
-                        f"Server traceback:\n{tb}")
-            if event == "execution_interrupted":
-                return f"Prompt {prompt_id} was interrupted at node {data.get('node_id')} ({data.get('node_type')})."
-        return (f"Prompt {prompt_id} failed (status {status.get('status_str')!r}).\n"
-                f"Last lines of {self.log_path}:\n{self.log_tail()}")
-
+    # ---- outputs -----------------------------------------------------------------------------------
     def output_images(self, entry: dict) -> list[str]:
         """Absolute paths of the images a finished prompt wrote (SaveImage: output/<subfolder>/<filename>)."""
         paths = []

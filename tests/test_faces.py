@@ -290,6 +290,11 @@ def test_evaluate_node(face_root, astronaut):
     assert ssim == pytest.approx((structural_similarity(a, b, data_range=1.0, channel_axis=-1, gaussian_weights=True,
                                                         sigma=1.5, use_sample_covariance=False) + 1) / 2, abs=1e-6)
     assert psnr == float("inf") and "image 1: similarity 1.0000" in report
+    # per image for scripts/face_benchmark.py, valid JSON for the UI (no Infinity literal)
+    scores = json.loads(json.dumps(out["ui"]["idfusion_scores"], allow_nan=False))
+    assert [s["found"] for s in scores] == [True, True] and scores[1]["psnr"] == "inf" and scores[1]["ssim"] == pytest.approx(1.0)
+    assert (scores[0]["similarity"] + scores[1]["similarity"]) / 2 == pytest.approx(sim)
+    assert scores[0]["psnr"] == pytest.approx(peak_signal_noise_ratio(a, b, data_range=1.0))
     # a generated image without a face scores as a miss
     blank = torch.full((1, 512, 512, 3), 0.5)
     fa_blank = F.FaceAnalyzer("x", "insightface", fa.detector, fa.recognizer)

@@ -1,0 +1,327 @@
+"""Face benchmark over ComfyUI's HTTP API (the paper's protocol, section 4.2): every reference photo in a folder x
+every prompt x every seed goes through an API-format workflow, is scored by the workflow's IDFusion Face Evaluate
+node (identity: ArcFace cosine similarity, distance = 1 - cos; face quality: SSIM and PSNR on aligned face crops),
+and ends up in <out>/face_benchmark.csv (one row per generated image) and <out>/face_benchmark.md (mean scores per
+prompt and overall).
+
+    python scripts/face_benchmark.py --faces faces/ --prompts prompts.txt --out results/ \\
+        [--workflow workflows/idfusion_face_benchmark_api.json] [--url http://127.0.0.1:8188] [--seeds 1 --seed 0]
+    python scripts/face_benchmark.py ... --base DIR [--comfyui DIR] [--python PY]   # start a server of its own
+
+The workflow (exported with "Save (API)") marks the nodes to fill by their titles, exact and case-insensitive:
+    reference   the LoadImage that gets each uploaded reference photo (exactly one)
+    prompt      the node whose `text` gets each prompt, e.g. the positive CLIPTextEncode (exactly one)
+    seed        the node(s) whose `seed` or `noise_seed` gets each seed, e.g. the KSampler (one or more)
+The scores come from its one IDFusionFaceEvaluate node (its `idfusion_scores` ui entry, one per image); the images
+it scored are fetched from the SaveImage fed by the same IMAGE into <out>/images/.
+
+Inputs: --faces holds the reference photos (.png .jpg .jpeg .webp .bmp), each uploaded with POST /upload/image;
+the prompts file has one prompt per line (blank lines, lines starting with # and repeats are ignored); --seeds N
+--seed S runs seeds S .. S+N-1. A run that fails (rejected or failing prompt) is a row with its error and the
+benchmark goes on. Both files are rewritten atomically after every run. Exit status: 0 all runs scored, 1 some run failed,
+2 stopped (bad input, server unreachable or gone). Standard library only, like comfy_server.py.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import io
+import math
+import os
+import sys
+import tempfile
+import urllib.error
+
+import comfy_server
+from comfy_server import ComfyClient, ComfyServer, ComfyServerError
+
+DEFAULT_WORKFLOW = os.path.join(comfy_server.ROOT, "workflows", "idfusion_face_benchmark_api.json")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+SCORER = "IDFusionFaceEvaluate"
+# marker title -> the inputs it may set (first one present wins), and how to add the marker
+MARKERS = {
+    "reference": (("image",), "Title the LoadImage of the reference photo 'reference'."),
+    "prompt": (("text",), "Title the positive prompt's CLIPTextEncode 'prompt'."),
+    "seed": (("seed", "noise_seed"), "Title the KSampler (or another node with a seed input) 'seed'."),
+}
+SCORES = ("similarity", "distance", "ssim", "psnr")
+COLUMNS = ("reference", "prompt", "seed", "face_found", *SCORES, "image", "error")
+CSV_NAME, MD_NAME = "face_benchmark.csv", "face_benchmark.md"
+
+
+class BenchmarkError(Exception):
+    """Something the user can fix before any run: printed as one message, no traceback."""
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+def reference_images(folder: str) -> list[str]:
+    if not os.path.isdir(folder):
+        raise BenchmarkError(f"--faces {folder} is not a folder.")
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTS)
+                   and os.path.isfile(os.path.join(folder, f)))
+    if not files:
+        raise BenchmarkError(f"--faces {folder} has no reference images ({' '.join(IMAGE_EXTS)}): put one photo per "
+                             f"reference in it.")
+    return files
+
+
+def read_prompts(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [l.strip() for l in f if l.strip() and not l.lstrip().startswith("#")]
+    except OSError as e:
+        raise BenchmarkError(f"Cannot read --prompts {path}: {e.strerror}.") from None
+    prompts = list(dict.fromkeys(lines))  # a prompt listed twice would only repeat its runs
+    if not prompts:
+        raise BenchmarkError(f"--prompts {path} has no prompts: write one per line (blank lines and # comments are ignored).")
+    return prompts
+
+
+def load_workflow(path: str) -> dict:
+    try:
+        return comfy_server.load_workflow(path)
+    except OSError as e:
+        raise BenchmarkError(f"Cannot read --workflow {path}: {e.strerror}.") from None
+    except ValueError as e:  # not JSON at all
+        raise BenchmarkError(f"--workflow {path} is not JSON ({e}); export the workflow with 'Save (API)'.") from None
+    except ComfyServerError as e:
+        raise BenchmarkError(str(e)) from None
+
+
+def marked_inputs(workflow: dict, path: str) -> dict:
+    """{marker: [(node id, input name), ...]} from the nodes' titles; raises naming a missing or doubled marker."""
+    found = {m: [] for m in MARKERS}
+    for nid, node in workflow.items():
+        title = str((node.get("_meta") or {}).get("title", "")).strip().lower()
+        if title not in MARKERS:
+            continue
+        names = MARKERS[title][0]
+        name = next((n for n in names if n in node.get("inputs", {})), None)
+        if name is None:
+            raise BenchmarkError(f"{path}: node {nid} ({node['class_type']}) is titled '{title}' but has no "
+                                 f"{' or '.join(names)} input to set. {MARKERS[title][1]}")
+        found[title].append((nid, name))
+    for marker, nodes in found.items():
+        if not nodes:
+            raise BenchmarkError(f"{path}: no node is titled '{marker}', so the benchmark cannot fill it in. "
+                                 f"{MARKERS[marker][1]} (In ComfyUI: right-click the node > Title, then export with "
+                                 f"'Save (API)'.)")
+        if len(nodes) > 1 and marker != "seed":
+            raise BenchmarkError(f"{path}: nodes {', '.join(n for n, _ in nodes)} are all titled '{marker}'; "
+                                 f"title exactly one.")
+    return found
+
+
+def scorer_and_saver(workflow: dict, path: str) -> tuple[str, str | None]:
+    """The IDFusionFaceEvaluate node, and the node saving the images it scores (same IMAGE link), if any."""
+    scorers = [nid for nid, n in workflow.items() if n["class_type"] == SCORER]
+    if len(scorers) != 1:
+        raise BenchmarkError(f"{path}: needs exactly one {SCORER} node (IDFusion Face Evaluate, fed by the generated "
+                             f"image and the reference LoadImage) to score the runs; it has {len(scorers)}.")
+    link = workflow[scorers[0]]["inputs"].get("image")
+    savers = [nid for nid, n in workflow.items() if nid != scorers[0] and n["inputs"].get("images") == link]
+    return scorers[0], (savers[0] if savers else None)
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+def fill(workflow: dict, marks: dict, values: dict) -> dict:
+    wf = copy.deepcopy(workflow)
+    for marker, value in values.items():
+        for nid, name in marks[marker]:
+            wf[nid]["inputs"][name] = value
+    return wf
+
+
+def one_line(error: Exception) -> str:
+    """The error for a CSV cell: without the server's traceback, on one line."""
+    text = str(error).split("\nServer traceback:")[0]
+    return " ".join(l.strip() for l in text.splitlines() if l.strip())
+
+
+def run_one(client, workflow, scorer, saver, image_stem, out_dir, timeout):
+    """Queue one filled workflow; returns [(scores, image path relative to out_dir or "")] per scored image."""
+    entry = client.wait(client.queue(workflow), timeout=timeout)
+    outputs = entry.get("outputs") or {}
+    scores = (outputs.get(scorer) or {}).get("idfusion_scores")
+    if not scores:
+        raise ComfyServerError(f"The {SCORER} node {scorer} reported no scores: it did not run (a blocked input), or the "
+                               f"server's ComfyUI-IDFusion predates its idfusion_scores output (update it).")
+    images = ((outputs.get(saver) or {}).get("images") or []) if saver else []
+    rows = []
+    for k, s in enumerate(scores):
+        rel = ""
+        if k < len(images):
+            ext = os.path.splitext(images[k]["filename"])[1] or ".png"
+            rel = os.path.join("images", f"{image_stem}_{k}{ext}")
+            write_atomic(os.path.join(out_dir, rel), client.view(images[k]))
+        rows.append((s, rel))
+    return rows
+
+
+def score_row(reference, prompt, seed, scores=None, image="", error=""):
+    row = {"reference": reference, "prompt": prompt, "seed": seed, "image": image, "error": error,
+           "face_found": "" if scores is None else bool(scores["found"])}
+    for k in SCORES:
+        row[k] = "" if scores is None else float(scores[k])  # float("inf") for the "inf" the node sends
+    return row
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+
+def write_atomic(path: str, data):
+    """Temp file in the same folder, then os.replace: readers never see a half-written file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path), suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def csv_text(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, COLUMNS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)  # floats as repr: every digit, and "inf"
+    return buf.getvalue()
+
+
+def summarize(rows: list[dict]) -> dict:
+    """n scored images, failed runs, face-found rate and mean scores (an image without a face scores as a miss:
+    similarity 0, distance 1, SSIM 0, PSNR 0, as the node reports it)."""
+    scored = [r for r in rows if not r["error"]]
+    out = {"n": len(scored), "failed": len(rows) - len(scored)}
+    out["found"] = sum(r["face_found"] for r in scored) / len(scored) if scored else math.nan
+    for k in SCORES:
+        out[k] = sum(r[k] for r in scored) / len(scored) if scored else math.nan
+    return out
+
+
+def markdown(rows, prompts, n_refs, n_seeds, workflow_path) -> str:
+    def cells(label, s):
+        num = lambda v, spec: "-" if math.isnan(v) else format(v, spec)  # nan: no image was scored
+        return (f"| {label} | {s['n']} | {s['failed']} | {num(s['found'], '.0%')} | {num(s['similarity'], '.4f')} "
+                f"| {num(s['distance'], '.4f')} | {num(s['ssim'], '.4f')} | {num(s['psnr'], '.2f')} |")
+    runs = n_refs * len(prompts) * n_seeds
+    done = len({(r["reference"], r["prompt"], r["seed"]) for r in rows})  # the file is rewritten after every run
+    total = summarize(rows)
+    lines = ["# Face benchmark", "",
+             f"Workflow `{os.path.basename(workflow_path)}`: {n_refs} reference(s) x {len(prompts)} prompt(s) x "
+             f"{n_seeds} seed(s) = {runs} run(s); {done} done, {total['failed']} failed. Identity: ArcFace cosine "
+             "similarity to the reference (distance = 1 - cos); face quality: SSIM and PSNR (dB) on aligned face crops "
+             "(paper section 4.2). Means over the n generated images; an image without a face counts as similarity 0, "
+             "distance 1, SSIM 0, PSNR 0. Per image: `face_benchmark.csv`.", "",
+             "| prompt | n | failed runs | face found | similarity | distance | SSIM | PSNR |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for p in prompts:
+        lines.append(cells(p.replace("|", "\\|"), summarize([r for r in rows if r["prompt"] == p])))
+    lines.append(cells("**all**", total))
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+def connect(a) -> ComfyClient:
+    if a.base:
+        server = ComfyServer(a.comfyui, a.base, python=a.python)
+        print(f"starting ComfyUI in {server.base_dir} (log: {server.log_path})", flush=True)
+        return server.start(a.start_timeout)
+    client = ComfyClient(a.url)
+    try:
+        client.get_json("/system_stats", timeout=15)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise BenchmarkError(f"Cannot reach ComfyUI at {a.url} ({reason}). Start it (python main.py --listen) and pass "
+                             f"its address with --url, or use --base DIR to let this script start one.") from None
+    return client
+
+
+def benchmark(a) -> int:
+    refs = reference_images(a.faces)
+    prompts = read_prompts(a.prompts)
+    workflow = load_workflow(a.workflow)
+    marks = marked_inputs(workflow, a.workflow)
+    scorer, saver = scorer_and_saver(workflow, a.workflow)
+    if saver is None:
+        print(f"warning: no SaveImage in {a.workflow} saves the images node {scorer} scores: the CSV gets no image paths.",
+              file=sys.stderr)
+    seeds = [a.seed + i for i in range(a.seeds)]
+    client = connect(a)
+    try:
+        client.check_nodes({n["class_type"] for n in workflow.values()})
+        rows, total, done = [], len(refs) * len(prompts) * len(seeds), 0
+        for ri, ref in enumerate(refs):
+            ref_label = os.path.basename(ref)
+            try:
+                uploaded = client.upload_image(ref)
+            except ComfyServerError as e:
+                uploaded, upload_error = None, one_line(e)
+            for pi, prompt in enumerate(prompts):
+                for seed in seeds:
+                    done += 1
+                    client._check_alive("during the benchmark")  # a server we started that died ends it, not one row
+                    try:
+                        if uploaded is None:
+                            raise ComfyServerError(upload_error)
+                        stem = f"{ri:03d}_{os.path.splitext(ref_label)[0]}_p{pi:02d}_s{seed}"
+                        wf = fill(workflow, marks, {"reference": uploaded, "prompt": prompt, "seed": seed})
+                        new = [score_row(ref_label, prompt, seed, s, img)
+                               for s, img in run_one(client, wf, scorer, saver, stem, a.out, a.timeout)]
+                        status = "; ".join(f"similarity {r['similarity']:.4f} ssim {r['ssim']:.4f} psnr {r['psnr']:.2f}"
+                                           if r["face_found"] else "no face" for r in new)
+                    except ComfyServerError as e:
+                        new = [score_row(ref_label, prompt, seed, error=one_line(e))]
+                        status = f"FAILED: {new[0]['error']}"
+                    rows += new
+                    print(f"[{done}/{total}] {ref_label} | {prompt} | seed {seed}: {status}", flush=True)
+                    write_atomic(os.path.join(a.out, CSV_NAME), csv_text(rows))
+                    write_atomic(os.path.join(a.out, MD_NAME), markdown(rows, prompts, len(refs), len(seeds), a.workflow))
+    finally:
+        if isinstance(client, ComfyServer):
+            client.stop()
+    failed = summarize(rows)["failed"]
+    print(f"wrote {os.path.join(a.out, CSV_NAME)} and {os.path.join(a.out, MD_NAME)}"
+          + (f"; {failed} of {total} run(s) failed" if failed else ""))
+    return 1 if failed else 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Face benchmark: reference folder x prompts x seeds through a ComfyUI "
+                                "workflow; writes face_benchmark.csv and face_benchmark.md.")
+    p.add_argument("--faces", required=True, help="folder of reference photos, one per reference")
+    p.add_argument("--prompts", required=True, help="text file, one prompt per line (# comments and blank lines ignored)")
+    p.add_argument("--workflow", default=DEFAULT_WORKFLOW, help="API-format workflow with the reference/prompt/seed "
+                   "title markers and an IDFusionFaceEvaluate node (default: %(default)s)")
+    p.add_argument("--out", required=True, help="results folder: face_benchmark.csv, face_benchmark.md, images/")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--url", default="http://127.0.0.1:8188", help="a running ComfyUI server (default: %(default)s)")
+    where.add_argument("--base", help="start a ComfyUI server of its own with this base directory (models/, input/, "
+                       "output/ and custom_nodes/ live there; see scripts/comfy_server.py)")
+    p.add_argument("--comfyui", default=None, help="with --base: ComfyUI directory (default: $COMFYUI_PATH or .hosts/0.3.75/ComfyUI)")
+    p.add_argument("--python", default=None, help="with --base: Python for the server (default: the host's venv)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per reference and prompt (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="first seed (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per run (default: %(default)s)")
+    p.add_argument("--start-timeout", type=float, default=180.0, help="with --base: seconds to wait for the server")
+    a = p.parse_args(argv)
+    if a.seeds < 1:
+        p.error("--seeds must be at least 1")
+    try:
+        return benchmark(a)
+    except (BenchmarkError, ComfyServerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+    except (urllib.error.URLError, ConnectionError) as e:  # the server went away between runs
+        print(f"error: lost the connection to ComfyUI ({getattr(e, 'reason', e)}); the results so far are in {a.out}.",
+              file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
