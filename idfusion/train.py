@@ -49,6 +49,7 @@ class TrainConfig:
     timestep: int = 0
     reference_text: str = "zeros"     # zeros | empty (CLIP's empty prompt): the reference pass's text
     mixed_precision: str = "auto"     # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    gradient_checkpointing: bool = True  # recompute the frozen UNet's block activations in backward instead of storing them
 
     def encoding_meta(self) -> dict:
         return {"mode": self.encoding, "timestep": self.timestep, "text": self.reference_text}
@@ -88,6 +89,33 @@ class AdapterStep(nn.Module):
         return self._frozen[0].apply_model(x_t, sigma, c_crossattn=context, transformer_options=to, **kw)
 
 
+def checkpointed(model_patcher):
+    """A clone whose UNet ResBlocks and transformer blocks run under gradient checkpointing (torch.utils.checkpoint,
+    non-reentrant), set through ModelPatcher object patches so the model is restored when it is unpatched.
+    Only the adapter has gradients, but backward still runs through every later block: without this, all their
+    activations stay alive until backward."""
+    from comfy.ldm.modules.attention import BasicTransformerBlock
+    from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+    from torch.utils.checkpoint import checkpoint
+    patched = model_patcher.clone()
+
+    def wrap(forward):
+        def run(*args, **kwargs):
+            if not torch.is_grad_enabled():  # reference pass, CGDR target, inference: nothing to save
+                return forward(*args, **kwargs)
+            # the UNet rewrites transformer_options["block"/"block_index"] as it goes; the recompute in backward must
+            # see the values of this call, so freeze a shallow copy
+            args = [dict(a) if isinstance(a, dict) else a for a in args]
+            kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return run
+
+    for name, m in patched.model.diffusion_model.named_modules():
+        if isinstance(m, (BasicTransformerBlock, ResBlock)):  # the class's forward: never wrap a wrapper twice
+            patched.add_object_patch(f"diffusion_model.{name}.forward", wrap(type(m).forward.__get__(m)))
+    return patched
+
+
 def _loss_weight(model_sampling, sigma):
     """x0-space squared error times this equals the model's own loss: eps (1/sigma^2) or v ((s^2+sd^2)/(s^2 sd^2))."""
     import comfy.model_sampling as ms
@@ -111,6 +139,9 @@ class Trainer:
         if config.batch_size % self.world:
             raise ValueError(f"batch_size {config.batch_size} must be divisible by the {self.world} processes.")
         import comfy.model_management as mm
+        if config.gradient_checkpointing:
+            model_patcher = checkpointed(model_patcher)
+            self.model = model_patcher
         mm.load_models_gpu([model_patcher])
         self.base = model_patcher.model
         self.device = model_patcher.load_device

@@ -30,6 +30,14 @@ def load_pack(comfyui: str, cpu: bool):
     return sys.modules["idfusion_pack"]
 
 
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
+
+
 def parse(argv=None):
     """Two stages: --comfyui/--cpu first (the pack imports ComfyUI), then every TrainConfig field as a flag."""
     pre = argparse.ArgumentParser(add_help=False)
@@ -49,7 +57,8 @@ def parse(argv=None):
     ap.add_argument("--reference-resolution", type=int, default=None)
     ap.add_argument("--fresh", action="store_true", help="ignore an existing training state and start over")
     for f in dataclasses.fields(TrainConfig):
-        ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+        kind = _bool if isinstance(f.default, bool) else type(f.default)  # bool("false") would be True
+        ap.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
     args = ap.parse_args(argv)
     args.cpu = known.cpu
     return args, TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})

@@ -100,3 +100,27 @@ def test_training_node_writes_only_inside_models_idfusion(sd15, parts, dataset_d
     for bad in ("../x", "a/b", "x y"):
         with pytest.raises(ValueError, match="adapter_name"):
             node.train(**{**args, "adapter_name": bad})
+
+
+def test_gradient_checkpointing_same_step_fewer_saved_activations(sd15, parts, dataset_dir, tmp_path):
+    """Checkpointing must not change the step (same loss and updated weights) and must cut what autograd keeps:
+    bytes of non-parameter tensors saved for backward, counted with saved_tensors_hooks."""
+    ds = FaceDataset(str(dataset_dir), 64)
+    params = {p.data_ptr() for p in sd15.model.parameters()}
+    runs = {}
+    for gc in (False, True):
+        t = _trainer(sd15, parts, ds, tmp_path / str(gc), "g", gradient_checkpointing=gc, steps=1)
+        saved = {}
+
+        def pack(x):
+            if x.data_ptr() not in params:
+                saved[x.data_ptr()] = x.numel() * x.element_size()
+            return x
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            t.train_step()
+        runs[gc] = (t.losses[0][1], {k: v.clone() for k, v in t.adapter.state_tensors().items()}, sum(saved.values()))
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
+    for k, v in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][k], v, rtol=1e-4, atol=1e-6)
+    assert runs[True][2] < 0.25 * runs[False][2], (runs[True][2], runs[False][2])
