@@ -2,6 +2,7 @@
 
     python scripts/train.py --checkpoint sd15.safetensors --data faces/ --out runs/ --name me --steps 2000
     torchrun --nproc_per_node 2 scripts/train.py ...      # DDP (nccl on GPU, gloo on CPU)
+    accelerate launch --multi_gpu --num_processes 2 scripts/train.py ...   # accelerate starts it through torchrun
 
 Only Linear_kf / Linear_vf train. A run resumes from <out>/<name>.train-state.safetensors when it exists
 (pass --fresh to start over). The adapter (<out>/<name>.safetensors) goes in ComfyUI/models/idfusion.
