@@ -44,7 +44,7 @@ class Fusion:
         self.uncond, self.mode, self.seed = uncond, mode, seed
         self._kv = {}       # (layer name, device, dtype) -> [(K_f, V_f) per entry]
         self._weights = {}  # per-step mode only: (layer name, device) -> Linear_kf/Linear_vf weights on device
-        self._noise = {}    # device -> per entry, per reference: fixed noise for per-step mode
+        self._refs = {}     # per-step mode: device -> per entry, (reference latents, their fixed noise) on the device
 
     def __deepcopy__(self, memo):  # ModelPatcher.clone() deep-copies model_options; share, don't copy tensors
         return self
@@ -82,14 +82,13 @@ class Fusion:
 
     def _encode_step(self, base_model, t, device):
         ms = base_model.model_sampling
-        if device not in self._noise:
+        if device not in self._refs:  # moved to the device once, not every step
             g = torch.Generator().manual_seed(self.seed)
-            self._noise[device] = [[torch.randn(lat.shape, generator=g).to(device) for lat in e.identity.latents]
-                                   for e in self.entries]
+            self._refs[device] = [(torch.cat([l.to(device) for l in e.identity.latents]),
+                                   torch.cat([torch.randn(l.shape, generator=g) for l in e.identity.latents]).to(device))
+                                  for e in self.entries]
         out = []
-        for e, noises in zip(self.entries, self._noise[device]):
-            lat = torch.cat([l.to(device) for l in e.identity.latents])
-            noise = torch.cat(noises)
+        for e, (lat, noise) in zip(self.entries, self._refs[device]):
             sigma = t.reshape(-1)[:1].expand(lat.shape[0]).to(device)
             x_ref = ms.noise_scaling(sigma, noise, lat)
             out.append(run_reference_pass(base_model, device, x_ref, sigma, e.identity.context, e.identity.y))

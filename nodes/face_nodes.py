@@ -53,6 +53,7 @@ def blocker():
 
 _ORDER = (list(F.ORDERS), {"tooltip": "How faces are numbered: by size (largest first), by horizontal position "
                            "(left to right) or by detector confidence (most confident first)."})
+_INDEX = ("INT", {"default": 0, "min": 0, "max": 63, "tooltip": "Which face in that order (0 = first)."})
 
 
 class IDFusionFaceAnalysisLoader:
@@ -91,7 +92,7 @@ class IDFusionFaceCrop:
             "face_analysis": (FACE_ANALYSIS, {"tooltip": "From IDFusion Load Face Analysis."}),
             "image": ("IMAGE", {"tooltip": "Photo(s) to crop a face from; each image of the batch is handled on its own."}),
             "order": _ORDER,
-            "index": ("INT", {"default": 0, "min": 0, "max": 63, "tooltip": "Which face in that order (0 = first)."}),
+            "index": _INDEX,
             "size": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 8, "tooltip": "Side of the square output crop in pixels."}),
             "margin": ("FLOAT", {"default": 0.6, "min": 0.0, "max": 3.0, "step": 0.05, "tooltip":
                        "How much around the face to keep: 0 = insightface's tight ArcFace crop; 0.6 shows hair and chin."}),

@@ -8,7 +8,7 @@ import torch.nn.functional as TF
 
 from ..idfusion import faces as F
 from .common import CATEGORY
-from .face_nodes import FACE_ANALYSIS, _ORDER, run, to_uint8
+from .face_nodes import FACE_ANALYSIS, _INDEX, _ORDER, run, to_uint8
 
 log = logging.getLogger("IDFusion")
 STITCH = "IDFUSION_STITCH"
@@ -30,7 +30,7 @@ class IDFusionFaceCropForRepaint:
             "face_analysis": (FACE_ANALYSIS, {"tooltip": "From IDFusion Load Face Analysis (the Haar fallback works too)."}),
             "image": ("IMAGE", {"tooltip": "The first-stage image (batch of 1) whose face is repainted."}),
             "order": _ORDER,
-            "index": ("INT", {"default": 0, "min": 0, "max": 63, "tooltip": "Which face in that order (0 = first)."}),
+            "index": _INDEX,
             "context": ("FLOAT", {"default": 2.0, "min": 1.0, "max": 6.0, "step": 0.1, "tooltip":
                         "Side of the square crop as a multiple of the face box: context lets the sampler match lighting and pose."}),
             "size": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 8, "tooltip":

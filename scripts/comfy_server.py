@@ -91,6 +91,9 @@ class ComfyClient:
 
     def __init__(self, url: str | None = None):
         self._url = (url or "").rstrip("/")
+        # the only network traffic is to the ComfyUI server the user names: never file:// or other schemes
+        if self._url and urllib.parse.urlsplit(self._url).scheme not in ("http", "https"):
+            raise ComfyServerError(f"ComfyUI server URL '{url}' must start with http:// or https://, e.g. http://127.0.0.1:8188.")
         self.client_id = uuid.uuid4().hex
 
     @property

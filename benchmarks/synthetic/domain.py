@@ -50,6 +50,11 @@ def identities(n: int, seed: int = 0, min_distance: int = 2) -> list[dict]:
     raise ValueError(f"only {len(chosen)} identities are {min_distance} attributes apart")
 
 
+def every_identity() -> list[dict]:
+    """All attribute combinations, in a fixed shuffled order: what a generic base model should be able to draw."""
+    return identities(math.prod(len(v) for v in IDENTITY_ATTRS.values()), seed=99, min_distance=1)
+
+
 def caption(scene: dict, two: bool = False) -> str:
     if two:
         return f"two people, {scene['expression']}, {scene['background']} background"

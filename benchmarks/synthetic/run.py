@@ -44,6 +44,12 @@ def log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def write_text_atomic(path: str, text: str):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
 def key(d: dict) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -52,7 +58,7 @@ def key(d: dict) -> str:
 def render_pool(n_single, n_double, seed):
     import domain as D
     rng = np.random.default_rng(seed)
-    combos = D.identities(144, seed=99, min_distance=1)   # every identity combination: the base model is generic
+    combos = D.every_identity()   # the base model is generic
     singles, s_caps, doubles, d_caps = [], [], [], []
     for _ in range(n_single):
         scene = D.random_scene(rng)
@@ -143,7 +149,7 @@ def train_classifier(s, work, device):
 
     def labelled(n, seed):
         rng = np.random.default_rng(seed)
-        combos = D.identities(144, seed=99, min_distance=1)
+        combos = D.every_identity()
         ims, labels = [], {k: [] for k in D.ALL_ATTRS}
         for _ in range(n):
             ident, scene = combos[rng.integers(len(combos))], D.random_scene(rng)
@@ -433,9 +439,7 @@ def write_report(out: dict, path: str, command: str):
           "|---|---|---|---|"]
     L += [f"| {m} | {pct(d['own'])} | {pct(d['other'])} | {pct(d['both'])} |" for m, d in r["d_two_identities"].items()]
     L += ["", f"Image grid: `grid_{out['scale']}.png` (reference | with adapter | same seeds without adapter).", ""]
-    with open(path + ".tmp", "w") as f:
-        f.write("\n".join(L))
-    os.replace(path + ".tmp", path)
+    write_text_atomic(path, "\n".join(L))
 
 
 def main(argv=None):
@@ -471,9 +475,7 @@ def main(argv=None):
            "date": time.strftime("%Y-%m-%d"), "chance": 1 / N_EVAL, "classifier_heldout_accuracy": clf_acc,
            "adapter_training": train_info, "results": res, "seconds": {k: round(v) for k, v in timings.items()}}
     path = os.path.join(args.report, f"results_{args.scale}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(out, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_text_atomic(path, json.dumps(out, indent=1))
     write_report(out, os.path.join(args.report, f"report_{args.scale}.md"),
                  "make synthetic" if args.scale == "cpu" else f"benchmarks/synthetic/run.py --scale {args.scale}")
     log(f"done in {time.time() - t0:.0f}s: {path}")
