@@ -14,7 +14,7 @@ Library:
     png = client.view(entry["outputs"][node_id]["images"][0])   # an output image's bytes
 
 CLI:
-    python scripts/comfy_server.py run workflows/idfusion_basic_api.json --base DIR [--comfyui DIR] [--python PY]
+    python scripts/comfy_server.py run workflows/api/idfusion_basic_api.json --base DIR [--comfyui DIR] [--python PY]
     python scripts/comfy_server.py serve --base DIR [--port 8188]           # keep it running until Ctrl-C
 
 The server is started as

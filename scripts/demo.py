@@ -1,4 +1,4 @@
-"""The demo: run workflows/idfusion_basic_api.json through a real ComfyUI server and print the image it wrote.
+"""The demo: run workflows/api/idfusion_basic_api.json through a real ComfyUI server and print the image it wrote.
 
     .hosts/0.3.75/venv/bin/python scripts/demo.py [--host 0.3.75|0.3.52] [--base DIR]
 
@@ -28,7 +28,7 @@ sys.path.insert(0, HERE)
 
 import comfy_server  # noqa: E402
 
-WORKFLOW = os.path.join(ROOT, "workflows", "idfusion_basic_api.json")
+WORKFLOW = os.path.join(ROOT, "workflows", "api", "idfusion_basic_api.json")
 REFERENCE = os.path.join(ROOT, "workflows", "assets", "reference_face.png")
 CKPT_NAME = "random_sd15.safetensors"
 REFERENCE_NAME = "idfusion_reference.png"

@@ -5,7 +5,7 @@ and ends up in <out>/face_benchmark.csv (one row per generated image) and <out>/
 prompt and overall).
 
     python scripts/face_benchmark.py --faces faces/ --prompts prompts.txt --out results/ \\
-        [--workflow workflows/idfusion_face_benchmark_api.json] [--url http://127.0.0.1:8188] [--seeds 1 --seed 0]
+        [--workflow workflows/api/idfusion_face_benchmark_api.json] [--url http://127.0.0.1:8188] [--seeds 1 --seed 0]
     python scripts/face_benchmark.py ... --base DIR [--comfyui DIR] [--python PY]   # start a server of its own
 
 The workflow (exported with "Save (API)") marks the nodes to fill by their titles, exact and case-insensitive:
@@ -36,7 +36,7 @@ import urllib.error
 import comfy_server
 from comfy_server import ComfyClient, ComfyServer, ComfyServerError
 
-DEFAULT_WORKFLOW = os.path.join(comfy_server.ROOT, "workflows", "idfusion_face_benchmark_api.json")
+DEFAULT_WORKFLOW = os.path.join(comfy_server.ROOT, "workflows", "api", "idfusion_face_benchmark_api.json")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SCORER = "IDFusionFaceEvaluate"
 # marker title -> the inputs it may set (first one present wins), and how to add the marker

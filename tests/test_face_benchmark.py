@@ -9,7 +9,7 @@ import comfy_server  # scripts/ is on sys.path (conftest.py)
 import face_benchmark
 from conftest import ROOT
 
-WORKFLOW = os.path.join(ROOT, "workflows", "idfusion_face_benchmark_api.json")
+WORKFLOW = os.path.join(ROOT, "workflows", "api", "idfusion_face_benchmark_api.json")
 
 
 @pytest.fixture

@@ -344,7 +344,7 @@ def test_repaint_workflow_uses_known_nodes_and_inputs():
     import nodes as comfy_nodes
     comfy = dict(comfy_nodes.NODE_CLASS_MAPPINGS)
     comfy.update(idfusion_pack.NODE_CLASS_MAPPINGS)
-    path = os.path.join(ROOT, "workflows", "idfusion_face_repaint_api.json")
+    path = os.path.join(ROOT, "workflows", "api", "idfusion_face_repaint_api.json")
     with open(path) as f:
         wf = json.load(f)
     types = {n["class_type"] for n in wf.values()}

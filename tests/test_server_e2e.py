@@ -1,5 +1,5 @@
 """End to end through a REAL ComfyUI server: main.py --cpu in a temporary base directory with this pack
-linked into its custom_nodes, a random-weight SD1.5 checkpoint, and workflows/idfusion_basic_api.json
+linked into its custom_nodes, a random-weight SD1.5 checkpoint, and workflows/api/idfusion_basic_api.json
 queued over HTTP. Works on either pinned host: ComfyUI from COMFYUI_PATH (see conftest.py), the server
 runs under this Python (the host's venv)."""
 import copy
@@ -15,7 +15,7 @@ from conftest import COMFYUI, ROOT
 
 pytestmark = pytest.mark.e2e
 
-WORKFLOW = os.path.join(ROOT, "workflows", "idfusion_basic_api.json")
+WORKFLOW = os.path.join(ROOT, "workflows", "api", "idfusion_basic_api.json")
 REFERENCE = os.path.join(ROOT, "workflows", "assets", "reference_face.png")
 
 
@@ -80,7 +80,7 @@ def test_node_exception_is_reported(server):
 
 def test_multi_identity_workflow_writes_image(server):
     """Two identities placed left/right with masks built from ComfyUI's own mask nodes."""
-    wf = comfy_server.load_workflow(os.path.join(ROOT, "workflows", "idfusion_multi_identity_api.json"))
+    wf = comfy_server.load_workflow(os.path.join(ROOT, "workflows", "api", "idfusion_multi_identity_api.json"))
     images = server.run(wf, timeout=300)
     assert len(images) == 1 and os.path.basename(images[0]).startswith("IDFusion_multi")
     with Image.open(images[0]) as im:
@@ -93,7 +93,7 @@ def test_face_repaint_workflow_repaints_only_the_face(server):
     import numpy as np
     from skimage import data
     Image.fromarray(data.astronaut()).save(os.path.join(server.dir("input"), "astronaut.png"))
-    wf = comfy_server.load_workflow(os.path.join(ROOT, "workflows", "idfusion_face_repaint_api.json"))
+    wf = comfy_server.load_workflow(os.path.join(ROOT, "workflows", "api", "idfusion_face_repaint_api.json"))
     wf["19"] = {"class_type": "LoadImage", "inputs": {"image": "astronaut.png"}}
     wf["12"]["inputs"].update(image=["19", 0], size=64, no_face="error")   # a face must be found
     wf["15"]["inputs"].update(steps=2)
@@ -149,7 +149,7 @@ def test_face_benchmark_cli_scores_what_the_evaluate_node_computes(server, tmp_p
     (faces / "notes.txt").write_text("not a reference")
     prompts = ["a photo of a person smiling", "a portrait | studio light"]
     (tmp_path / "prompts.txt").write_text(f"# benchmark prompts\n{prompts[0]}\n\n  {prompts[1]}\n{prompts[0]}\n")
-    wf = comfy_server.load_workflow(os.path.join(ROOT, "workflows", "idfusion_face_benchmark_api.json"))
+    wf = comfy_server.load_workflow(os.path.join(ROOT, "workflows", "api", "idfusion_face_benchmark_api.json"))
     # small on CPU: reference crop, latent, score crop; one step, and cfg 1 (ComfyUI then skips the uncond pass)
     wf["5"]["inputs"]["size"] = wf["14"]["inputs"]["size"] = 64
     wf["10"]["inputs"].update(width=64, height=64)
