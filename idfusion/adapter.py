@@ -155,21 +155,28 @@ class IDFusionAdapter(nn.Module):
 
     @classmethod
     def load(cls, path: str):
-        tensors, meta = read_safetensors(path, ADAPTER_FORMAT, "adapter")
-        layers = [Layer.from_json(d) for d in json.loads(meta["layers"])]
-        adapter = cls(layers, meta.get("base_family", "unknown"), json.loads(meta.get("reference_encoding", "{}")) or None)
+        """Read and check an adapter file. Everything the file declares is checked against its tensor headers before
+        any weight is read or allocated, and every weight must be finite and of a plausible size."""
         name = os.path.basename(path)
+        bad = FileProblem("Adapter", name, "re-export or re-train it, or remove it from models/idfusion")
+        shapes, meta = read_header(path, ADAPTER_FORMAT, "adapter")
+        layers = bad.check(parse_layers, meta.get("layers"))
+        encoding = bad.check(parse_encoding, meta.get("reference_encoding"), "reference_encoding", optional=True)
+        family = bad.check(parse_family, meta.get("base_family"))
+        expected = {}
         for l in layers:
             prefix = ".".join(str(x) for x in l.key)
-            for part, table in (("to_k_f", adapter.to_k_f), ("to_v_f", adapter.to_v_f)):
-                t = tensors.get(f"{prefix}.{part}.weight")
-                if t is None:
-                    raise AdapterError(f"Adapter '{name}' lists layer {l.key} but has no tensor '{prefix}.{part}.weight': the file is incomplete; re-export it.")
-                if tuple(t.shape) != (l.inner, l.channels):
-                    raise AdapterError(f"Adapter '{name}': tensor '{prefix}.{part}.weight' has shape {tuple(t.shape)}, "
-                                       f"expected {(l.inner, l.channels)} for that layer; the file is damaged or from another tool.")
-                with torch.no_grad():
-                    table[l.name].weight.copy_(t.float())
+            for part in ("to_k_f", "to_v_f"):
+                expected[f"{prefix}.{part}.weight"] = ((l.inner, l.channels), FLOAT_DTYPES)
+        bad.check(check_tensor_headers, shapes, expected)
+        # only now, with every size known to match bytes that are in the file, allocate (on "meta": no init)
+        with torch.device("meta"):
+            adapter = cls(layers, family, encoding)
+        for tname, t in read_tensors(path, list(expected), "adapter"):
+            bad.check(check_values, tname, t, MAX_WEIGHT, "weight")
+            block, number, index, part = tname.split(".")[:4]
+            table = adapter.to_k_f if part == "to_k_f" else adapter.to_v_f
+            table[f"{block}_{number}_{index}"].weight = nn.Parameter(t.float())
         return adapter
 
 
@@ -205,22 +212,177 @@ def save_safetensors_atomic(tensors: dict, path: str, metadata: dict):
 
 
 def read_safetensors(path: str, expected_format: str, what: str):
+    """All tensors and the metadata of a small IDFusion file (training state, synthetic model); the format tag and
+    version are checked. Adapters and identities use read_header first, to check sizes before reading."""
+    read_header(path, expected_format, what)
+    return dict(read_tensors(path, None, what)), _open(path, what, lambda f: f.metadata() or {})
+
+
+# ---- checking files before trusting them ------------------------------------------------------------
+MAX_WEIGHT = 1e4         # trained Linear_kf/Linear_vf weights are O(0.01..1); far beyond this means a broken file
+MAX_DIM = 1 << 16        # widest channel count accepted in metadata (SDXL's is 1280)
+MAX_LAYERS = 1024        # SDXL has 70 attn2 layers
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+_BLOCKS = ("input", "middle", "output")
+
+
+class _Bad(Exception):
+    """One thing wrong in a file; FileProblem turns it into an AdapterError that names the file."""
+
+
+class FileProblem:
+    def __init__(self, what: str, name: str, fix: str):
+        self.what, self.name, self.fix = what, name, fix
+
+    def error(self, detail: str) -> AdapterError:
+        return AdapterError(f"{self.what} file '{self.name}' is damaged or was not written by IDFusion: {detail}. "
+                            f"{self.fix[:1].upper()}{self.fix[1:]}.")
+
+    def check(self, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except _Bad as e:
+            raise self.error(str(e)) from None
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _json_field(text, field: str, optional: bool = False):
+    if text is None:
+        if optional:
+            return None
+        raise _Bad(f"its metadata has no '{field}' entry")
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError) as e:
+        raise _Bad(f"its '{field}' metadata is not valid JSON ({e})") from None
+
+
+def parse_layers(text) -> list[Layer]:
+    items = _json_field(text, "layers")
+    if not isinstance(items, list) or not items:
+        raise _Bad("its 'layers' metadata must be a non-empty JSON list")
+    if len(items) > MAX_LAYERS:
+        raise _Bad(f"it declares {len(items)} layers (more than {MAX_LAYERS})")
+    layers, seen = [], set()
+    for i, d in enumerate(items):
+        if not isinstance(d, dict) or not {"key", "channels", "inner", "heads"} <= set(d):
+            raise _Bad(f"layer {i} in 'layers' must be an object with key, channels, inner and heads")
+        key = d["key"]
+        if not (isinstance(key, list) and len(key) == 3 and key[0] in _BLOCKS and _is_int(key[1]) and _is_int(key[2])
+                and 0 <= key[1] < 1000 and 0 <= key[2] < 1000):
+            raise _Bad(f"layer {i} has key {key!r}; expected [input|middle|output, block number, transformer index]")
+        for f in ("channels", "inner", "heads"):
+            if not _is_int(d[f]) or not 1 <= d[f] <= MAX_DIM:
+                raise _Bad(f"layer {key} has {f}={d[f]!r}; expected a whole number from 1 to {MAX_DIM}")
+        if d["inner"] % d["heads"]:
+            raise _Bad(f"layer {key} has inner={d['inner']} which is not divisible by heads={d['heads']}")
+        if tuple(key) in seen:
+            raise _Bad(f"layer {key} is listed twice")
+        seen.add(tuple(key))
+        layers.append(Layer(tuple(key), d["channels"], d["inner"], d["heads"]))
+    return layers
+
+
+def parse_encoding(text, field: str, optional: bool = False) -> dict | None:
+    enc = _json_field(text, field, optional)
+    if enc is None:
+        return None
+    if not isinstance(enc, dict):
+        raise _Bad(f"its '{field}' metadata must be a JSON object")
+    enc = {"mode": "cached", "timestep": 0, "text": "zeros", **enc}
+    if enc["mode"] not in ("cached", "per_step") or enc["text"] not in ("zeros", "empty") \
+            or not _is_int(enc["timestep"]) or not 0 <= enc["timestep"] <= 999:
+        raise _Bad(f"its '{field}' metadata {json.dumps(enc)} needs mode cached|per_step, timestep 0..999 and text zeros|empty")
+    return enc
+
+
+def parse_family(text) -> str:
+    if text is None:
+        return "unknown"
+    if len(text) > 64 or not text.isprintable():
+        raise _Bad("its 'base_family' metadata is not a model family name")
+    return text
+
+
+def check_tensor_headers(shapes: dict, expected: dict, optional: dict | None = None):
+    """shapes: name -> (shape, dtype) from the file header. expected / optional: name -> (want, dtypes), where want
+    is the exact shape, or a function(shape) returning what is wrong with it (None when fine)."""
+    optional = optional or {}
+    missing = [k for k in expected if k not in shapes]
+    if missing:
+        raise _Bad(f"tensor '{missing[0]}' is missing" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    extra = sorted(k for k in shapes if k not in expected and k not in optional)
+    if extra:
+        raise _Bad(f"it has unexpected tensor '{extra[0]}'" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    for k, (want, dtypes) in {**expected, **optional}.items():
+        if k not in shapes:
+            continue
+        shape, dtype = shapes[k]
+        if dtype not in dtypes:
+            raise _Bad(f"tensor '{k}' has dtype {dtype}; expected {' or '.join(sorted(dtypes))}")
+        problem = want(shape) if callable(want) else (None if shape == tuple(want) else f"expected {tuple(want)}")
+        if problem:
+            raise _Bad(f"tensor '{k}' has shape {shape}: {problem}")
+
+
+def check_values(name: str, t: torch.Tensor, limit: float, kind: str = "value"):
+    if not t.is_floating_point():
+        return
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):
+        raise _Bad(f"tensor '{name}' has {int((~finite).sum())} NaN or infinite {kind}s")
+    peak = float(t.abs().max()) if t.numel() else 0.0
+    if peak > limit:
+        raise _Bad(f"tensor '{name}' has {kind}s up to {peak:.3g}, beyond the plausible {limit:g}")
+
+
+def _open(path: str, what: str, fn):
     from safetensors import safe_open
+    name = os.path.basename(path)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return fn(f)
+    except AdapterError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for bad headers and truncated files
+        raise AdapterError(f"The {what} file '{name}' could not be read as safetensors ({e}); it is damaged, truncated or "
+                           f"not a safetensors file. Replace it with a complete copy.") from e
+
+
+def read_header(path: str, expected_format: str, what: str):
+    """(name -> (shape, dtype), metadata) from the file header only: nothing is allocated for tensor data. safetensors
+    itself checks that every declared tensor lies inside the file, so the shapes bound what a later read allocates."""
     name = os.path.basename(path)
     if not name.lower().endswith(".safetensors"):
         raise AdapterError(f"The {what} file '{name}' is not a .safetensors file. IDFusion only reads safetensors "
                            f"(pickled .pt/.ckpt/.bin files can run code when loaded); convert it to .safetensors.")
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for bad headers
-        raise AdapterError(f"The {what} file '{name}' could not be read as safetensors ({e}); it is damaged or not a safetensors file.") from e
+
+    def header(f):
+        shapes = {}
+        for k in f.keys():
+            sl = f.get_slice(k)
+            shapes[k] = (tuple(sl.get_shape()), sl.get_dtype())
+        return shapes, f.metadata() or {}
+
+    shapes, meta = _open(path, what, header)
     fmt = meta.get("format")
     if fmt != expected_format:
         raise AdapterError(f"'{name}' is not an IDFusion {what} file (its metadata says format={fmt!r}, expected "
-                           f"{expected_format!r}). Put IDFusion {what} files in models/idfusion.")
-    if int(meta.get("format_version", "0")) > FORMAT_VERSION:
-        raise AdapterError(f"'{name}' uses {what} format version {meta['format_version']}, newer than this pack "
+                           f"{expected_format!r}). Put IDFusion {what} files in "
+                           f"{'models/idfusion/identities' if what == 'identity' else 'models/idfusion'}.")
+    version = meta.get("format_version", "")
+    if not re.fullmatch(r"[0-9]{1,6}", version) or int(version) < 1:
+        raise AdapterError(f"The {what} file '{name}' has format_version {version!r}, not a version number; it is damaged. "
+                           f"Replace it with a file written by IDFusion.")
+    if int(version) > FORMAT_VERSION:
+        raise AdapterError(f"'{name}' uses {what} format version {version}, newer than this pack "
                            f"understands ({FORMAT_VERSION}); update ComfyUI-IDFusion.")
-    return tensors, meta
+    return shapes, meta
+
+
+def read_tensors(path: str, names, what: str):
+    """(name, tensor) for the named tensors (None: all), read one at a time."""
+    return _open(path, what, lambda f: [(k, f.get_tensor(k)) for k in (f.keys() if names is None else names)])

@@ -8,10 +8,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .adapter import (AdapterError, FORMAT_VERSION, Layer, check_layers, find_layers, model_family,
-                      read_safetensors, save_safetensors_atomic)
+from .adapter import (AdapterError, FLOAT_DTYPES, FORMAT_VERSION, FileProblem, Layer, check_layers,
+                      check_tensor_headers, check_values, find_layers, model_family, parse_encoding, parse_family,
+                      parse_layers, read_header, read_tensors, save_safetensors_atomic)
 
 IDENTITY_FORMAT = "idfusion.identity"
+THUMBNAIL = 64            # longest side of the reference thumbnail kept in the file, in pixels
+MAX_REFERENCES = 256
+MAX_ACTIVATION = 1e6      # |h_f|, context and latents of a real model stay far below this (fp16 tops out at 65504)
 
 
 @dataclass
@@ -26,6 +30,11 @@ class Identity:
     y: torch.Tensor | None = None       # (1, adm) for models with ADM (SDXL), else None
     name: str = "identity"
     _uid: int = field(default=0, repr=False)
+    # per reference: a small uint8 (h, w, 3) picture of it (longest side <= THUMBNAIL), or None (older files)
+    thumbnails: list = field(default_factory=list)
+
+    def thumbnail(self, r: int):
+        return self.thumbnails[r] if r < len(self.thumbnails) else None
 
     @property
     def references(self) -> int:
@@ -42,6 +51,8 @@ class Identity:
             tensors[f"ref{r}.latent"] = lat
             for l in self.layers:
                 tensors[f"ref{r}.{'.'.join(str(x) for x in l.key)}.h_f"] = h[l.name]
+            if self.thumbnail(r) is not None:
+                tensors[f"ref{r}.thumbnail"] = self.thumbnail(r)
         meta = {"format": IDENTITY_FORMAT, "format_version": str(FORMAT_VERSION), "base_family": self.family,
                 "layers": json.dumps([l.to_json() for l in self.layers]), "encoding": json.dumps(self.encoding),
                 "references": str(self.references), "name": self.name}
@@ -49,17 +60,70 @@ class Identity:
 
     @classmethod
     def load(cls, path: str):
-        tensors, meta = read_safetensors(path, IDENTITY_FORMAT, "identity")
-        layers = [Layer.from_json(d) for d in json.loads(meta["layers"])]
-        n = int(meta["references"])
-        try:
-            h_f = [{l.name: tensors[f"ref{r}.{'.'.join(str(x) for x in l.key)}.h_f"].float() for l in layers} for r in range(n)]
-            latents = [tensors[f"ref{r}.latent"] for r in range(n)]
-            context = tensors["context"]
-        except KeyError as e:
-            raise AdapterError(f"Identity file '{os.path.basename(path)}' is missing tensor {e}; re-encode and save it again.") from None
-        return cls(layers, meta.get("base_family", "unknown"), json.loads(meta["encoding"]), h_f, latents, context,
-                   tensors.get("y"), meta.get("name", os.path.splitext(os.path.basename(path))[0]))
+        """Read and check an identity file: metadata against tensor headers first (nothing allocated), then values."""
+        fname = os.path.basename(path)
+        bad = FileProblem("Identity", fname, "encode the reference again (IDFusion Encode Reference Face) and save it, "
+                                             "or delete the file from models/idfusion/identities")
+        shapes, meta = read_header(path, IDENTITY_FORMAT, "identity")
+        layers = bad.check(parse_layers, meta.get("layers"))
+        encoding = bad.check(parse_encoding, meta.get("encoding"), "encoding")
+        family = bad.check(parse_family, meta.get("base_family"))
+        n = meta.get("references", "")
+        if not (n.isascii() and n.isdigit()) or not 1 <= int(n) <= MAX_REFERENCES:
+            raise bad.error(f"its 'references' metadata is {n!r}, not a count from 1 to {MAX_REFERENCES}")
+        n = int(n)
+        name = meta.get("name", os.path.splitext(fname)[0])
+        if not name or len(name) > 200 or not name.isprintable():
+            raise bad.error("its 'name' metadata is empty, too long or has control characters")
+        bad.check(check_tensor_headers, shapes, *_identity_spec(shapes, layers, n))
+        tensors = {}
+        for k, t in read_tensors(path, list(shapes), "identity"):
+            bad.check(check_values, k, t, MAX_ACTIVATION)
+            tensors[k] = t
+        key = lambda r, l: f"ref{r}.{'.'.join(str(x) for x in l.key)}.h_f"
+        h_f = [{l.name: tensors[key(r, l)].float() for l in layers} for r in range(n)]
+        latents = [tensors[f"ref{r}.latent"].float() for r in range(n)]
+        thumbs = [tensors.get(f"ref{r}.thumbnail") for r in range(n)]
+        return cls(layers, family, encoding, h_f, latents, tensors["context"].float(),
+                   tensors["y"].float() if "y" in tensors else None, name,
+                   thumbnails=thumbs if any(t is not None for t in thumbs) else [])
+
+
+def _identity_spec(shapes: dict, layers: list[Layer], n: int):
+    """What an identity file with n references for these layers must (and may) hold: (expected, optional)."""
+    def rank(k):
+        return lambda s: None if len(s) == k and all(d >= 1 for d in s) and s[0] == 1 else f"expected (1, ...) with {k} dimensions"
+
+    def thumb(s):
+        ok = len(s) == 3 and s[2] == 3 and 1 <= s[0] <= THUMBNAIL and 1 <= s[1] <= THUMBNAIL
+        return None if ok else f"expected (h, w, 3) with h, w at most {THUMBNAIL}"
+
+    expected = {"context": (rank(3), FLOAT_DTYPES)}
+    optional = {"y": (rank(2), FLOAT_DTYPES)}
+    for r in range(n):
+        latent = shapes.get(f"ref{r}.latent", ((),))[0]
+        tokens = latent[2] * latent[3] if len(latent) == 4 else 0
+        expected[f"ref{r}.latent"] = (rank(4), FLOAT_DTYPES)
+        for l in layers:
+            # h_f of a layer has one token per latent position at most (lower UNet levels have fewer)
+            def h_f(s, c=l.channels, t=tokens):
+                return None if len(s) == 2 and s[1] == c and 1 <= s[0] <= max(t, 1) else \
+                    f"expected (tokens, {c}) with 1 to {t} tokens (the reference latent's positions)"
+            expected[f"ref{r}.{'.'.join(str(x) for x in l.key)}.h_f"] = (h_f, FLOAT_DTYPES)
+        optional[f"ref{r}.thumbnail"] = (thumb, {"U8"})
+    return expected, optional
+
+
+def thumbnail(image: torch.Tensor, size: int = THUMBNAIL) -> torch.Tensor:
+    """(H, W, 3) float image in [0, 1] -> uint8 (h, w, 3), longest side at most `size`, aspect kept."""
+    import torch.nn.functional as F
+    H, W = image.shape[:2]
+    scale = min(1.0, size / max(H, W))
+    h, w = max(1, round(H * scale)), max(1, round(W * scale))
+    x = image[..., :3].detach().float().cpu().permute(2, 0, 1)[None]
+    if (h, w) != (H, W):
+        x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+    return (x[0].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).contiguous()
 
 
 def merge(identities: list[Identity], name: str | None = None) -> Identity:
@@ -68,8 +132,10 @@ def merge(identities: list[Identity], name: str | None = None) -> Identity:
     for other in identities[1:]:
         if other.layers != first.layers:
             raise AdapterError(f"Identities '{first.name}' and '{other.name}' were encoded with different models; re-encode them with one model.")
+    thumbs = [i.thumbnail(r) for i in identities for r in range(i.references)]  # both sets, aligned with references
     return Identity(first.layers, first.family, first.encoding, [h for i in identities for h in i.h_f],
-                    [x for i in identities for x in i.latents], first.context, first.y, name or first.name)
+                    [x for i in identities for x in i.latents], first.context, first.y, name or first.name,
+                    thumbnails=thumbs if any(t is not None for t in thumbs) else [])
 
 
 # ---- the reference pass ------------------------------------------------------------------------
@@ -136,8 +202,9 @@ def encode_identity(model_patcher, vae, image: torch.Tensor, clip=None, timestep
     layers = find_layers(base.diffusion_model)
     context, y, text = text_condition(model_patcher, clip, width=image.shape[2], height=image.shape[1])
     sigma = reference_sigma(model_patcher, timestep)
-    h_f, latents = [], []
+    h_f, latents, thumbs = [], [], []
     for r in range(image.shape[0]):
+        thumbs.append(thumbnail(image[r]))
         latent = base.process_latent_in(vae.encode(image[r:r + 1, :, :, :3])).float().cpu()
         mm.load_models_gpu([model_patcher])  # after the VAE, which may have pushed the UNet out of VRAM
         rec = run_reference_pass(base, model_patcher.load_device, latent, sigma, context, y)
@@ -149,4 +216,4 @@ def encode_identity(model_patcher, vae, image: torch.Tensor, clip=None, timestep
         if progress is not None:
             progress.update(1)
     return Identity(layers, model_family(model_patcher), {"mode": mode, "timestep": int(timestep), "text": text},
-                    h_f, latents, context, y, name)
+                    h_f, latents, context, y, name, thumbnails=thumbs)

@@ -2,6 +2,7 @@
 APPLY_MODEL wrapper. Nothing in ComfyUI is monkey-patched; the input model is never touched."""
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import itertools
@@ -49,6 +50,18 @@ class Fusion:
     def __deepcopy__(self, memo):  # ModelPatcher.clone() deep-copies model_options; share, don't copy tensors
         return self
 
+    def release(self):
+        """Forget K_f/V_f, per-step weights and reference latents kept on the device (ComfyUI's memory manager
+        does not see them). Called after sampling; the next run projects again from the CPU copies."""
+        self._kv.clear()
+        self._weights.clear()
+        self._refs.clear()
+
+    def cached_tensors(self) -> list:
+        return ([t for kv in self._kv.values() for pair in kv for t in pair]
+                + [t for w in self._weights.values() for t in w]
+                + [t for refs in self._refs.values() for pair in refs for t in pair])
+
     def _project(self, layer: Layer, refs: list[torch.Tensor], device, dtype):
         key = (layer.name, device)
         weights = self._weights.get(key) or tuple(w.detach().to(device, torch.float32) for w in self.adapter.weights(layer))
@@ -77,7 +90,7 @@ class Fusion:
         if state["active"] and self.mode == "per_step":
             state["h_f"] = self._encode_step(executor.class_obj, t, x.device)
         to = dict(transformer_options)
-        to["idfusion"] = {**to.get("idfusion", {}), self.uid: state}
+        to["idfusion"] = {**to.get("idfusion", {}), self.uid: state, "sigma": sigma}  # sigma: for stacked packs' windows
         return executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
 
     def _encode_step(self, base_model, t, device):
@@ -107,32 +120,83 @@ def _accepts_transformer_options(fn) -> bool:
 
 class LayerPatch:
     """The attn2 replace at one layer. Several Applies on one model stack into one LayerPatch (their
-    identities concatenate and share one Eq. 7 mask); another pack's replace found on the layer is
-    chained: it receives K' and V'."""
+    identities concatenate and share one Eq. 7 mask). Another pack's replace found on the layer is chained
+    (`previous`: it receives K' and V'); another pack applied later stacks on this one with `.add(callback,
+    **kwargs)`, the convention of IPAdapter_plus, InstantID and PuLID: the callback's output is added."""
 
-    def __init__(self, layer: Layer, fusions: list[Fusion], previous=None):
-        self.layer, self.fusions, self.previous = layer, fusions, previous
+    def __init__(self, layer: Layer, fusions: list[Fusion], previous=None, added=None):
+        self.layer, self.fusions, self.previous = layer, list(fusions), previous
+        self.added = list(added or [])   # [(callback, kwargs)] stacked by other packs through .add
         self._masks = {}
 
     def __deepcopy__(self, memo):
-        return self
+        # ModelPatcher.clone() deep-copies model_options. A clone gets its own patch (its own .add list and its own
+        # copy of the chained patch), so a pack that mutates what it finds on the clone's key never reaches the input
+        # MODEL or a sibling branch. The Fusions (adapter, identities, K_f/V_f cache) are shared, never mutated.
+        new = LayerPatch(self.layer, self.fusions, None, [(cb, dict(kw)) for cb, kw in self.added])
+        memo[id(self)] = new
+        new.previous = copy.deepcopy(self.previous, memo)
+        return new
 
+    # ---- what other packs call on the patch they find on their key -------------------------------
+    def add(self, callback, **kwargs):
+        """Stack another pack's attention on this layer, as IPAdapter_plus's/InstantID's/PuLID's Attn2Replace.add
+        does: after the fused attention, out += callback(out, q, k, v, extra_options, **kwargs) for steps whose
+        sigma lies in [kwargs['sigma_end'], kwargs['sigma_start']] (always, when the pack gives no window)."""
+        self.added.append((callback, kwargs))
+
+    def set_new_condition(self, **kwargs):
+        """Older packs (InstantID, IPAdapter before its Attn2Replace) stack through their own patch class's
+        set_new_condition. That works when such a patch was applied before IDFusion (it is chained here);
+        otherwise there is no patch of theirs to take the condition."""
+        if hasattr(self.previous, "set_new_condition"):
+            return self.previous.set_new_condition(**kwargs)
+        raise AdapterError(f"A node applied after IDFusion tried to stack on IDFusion's attention patch at layer "
+                           f"{self.layer.key} with set_new_condition (an older InstantID/IP-Adapter version). Apply that "
+                           f"node before IDFusion, or update it: current versions stack with .add().")
+
+    def release(self):
+        """Drop what this patch keeps on the device (masks here, K_f/V_f in its Fusions); rebuilt on next use."""
+        self._masks.clear()
+        for f in self.fusions:
+            f.release()
+
+    def cached_tensors(self) -> list:
+        return list(self._masks.values()) + [t for f in self.fusions for t in f.cached_tensors()]
+
+    # ---- the attention ----------------------------------------------------------------------------
     def __call__(self, q, k, v, extra_options):
+        out = self._fused(q, k, v, extra_options)
+        if self.added:
+            dtype = out.dtype
+            sigma = extra_options.get("idfusion", {}).get("sigma")  # read once per step by the wrapper, not per layer
+            if sigma is None:
+                sigmas = extra_options.get("sigmas")
+                sigma = float(sigmas.reshape(-1)[0]) if sigmas is not None else float("inf")
+            for callback, kw in self.added:
+                if kw.get("sigma_end", float("-inf")) <= sigma <= kw.get("sigma_start", float("inf")):
+                    out = out + callback(out, q, k, v, extra_options, **kw)
+            out = out.to(dtype)
+        return out
+
+    def _fused(self, q, k, v, extra_options):
         states = extra_options.get("idfusion", {})
         cond_or_uncond = extra_options.get("cond_or_uncond") or [0]
         per_chunk = [tuple(f for f in self.fusions
                            if states.get(f.uid, {"active": True})["active"] and (c == 0 or f.uncond))
                      for c in cond_or_uncond]
-        if len(set(per_chunk)) == 1:
+        if len(set(per_chunk)) == 1 or q.shape[0] % len(cond_or_uncond):
             return self._attend(q, k, v, per_chunk[0], extra_options, states)
-        # CFG rows that fuse different identities (e.g. uncond sees text only) are attended separately
+        # CFG chunks that fuse different identities (e.g. uncond sees text only) are attended separately; each group
+        # gets extra_options describing exactly its rows, so a chained patch picks the right per-chunk data
         bs = q.shape[0] // len(cond_or_uncond)
-        out, start = [], 0
+        out, first = [], 0
         for fusions, group in itertools.groupby(per_chunk):
-            n = len(list(group)) * bs
-            rows = slice(start, start + n)
-            out.append(self._attend(q[rows], k[rows], v[rows], fusions, extra_options, states))
-            start += n
+            n = len(list(group))
+            rows = slice(first * bs, (first + n) * bs)
+            sub = chunk_options(extra_options, first, n, bs)
+            out.append(self._attend(q[rows], k[rows], v[rows], fusions, sub, states))
+            first += n
         return torch.cat(out)
 
     def _plain(self, q, k, v, extra_options):
@@ -189,18 +253,109 @@ def token_grid(extra_options, n_h: int):
     return h, w
 
 
+def chunk_options(extra_options: dict, first: int, n: int, rows_per_chunk: int) -> dict:
+    """extra_options for CFG chunks first..first+n-1 only: the per-chunk lists ComfyUI batches (cond_or_uncond,
+    uuids) and the batch size in the recorded shapes agree with the rows handed over."""
+    sub = dict(extra_options)
+    chunks = len(extra_options.get("cond_or_uncond") or [0])
+    for key in ("cond_or_uncond", "uuids"):
+        value = extra_options.get(key)
+        if isinstance(value, (list, tuple)) and len(value) == chunks:
+            sub[key] = list(value[first:first + n])
+    for key in ("original_shape", "activations_shape"):
+        shape = extra_options.get(key)
+        if isinstance(shape, (list, tuple)) and shape:
+            sub[key] = [n * rows_per_chunk] + list(shape[1:])
+    return sub
+
+
+class BlockPatches:
+    """What another pack finds under a (block, number) key when that block holds several attn2 layers (SDXL):
+    its .add / set_new_condition reach every layer's LayerPatch. ComfyUI looks up (block, number, index) first,
+    so it calls the LayerPatches directly; __call__ only serves code that calls the 2-tuple key itself."""
+
+    def __init__(self, patches: dict):
+        self.patches = patches  # transformer index -> LayerPatch (the same objects as on the 3-tuple keys)
+
+    def add(self, callback, **kwargs):
+        for p in self.patches.values():
+            p.add(callback, **kwargs)
+
+    def set_new_condition(self, **kwargs):
+        for p in self.patches.values():
+            p.set_new_condition(**kwargs)
+
+    def __call__(self, q, k, v, extra_options):
+        return self.patches[extra_options.get("block_index", 0)](q, k, v, extra_options)
+
+
+RELEASE_KEY = "idfusion_release"
+
+
+def ours(model_patcher) -> list[LayerPatch]:
+    """The LayerPatches installed on this ModelPatcher (each once)."""
+    replaces = model_patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+    seen = {}
+    for p in replaces.values():
+        for lp in (p.patches.values() if isinstance(p, BlockPatches) else [p]):
+            if isinstance(lp, LayerPatch):
+                seen[id(lp)] = lp
+    return list(seen.values())
+
+
+def release_device_memory(model_patcher):
+    """ON_CLEANUP callback (ModelPatcher.cleanup runs it when sampling ends, also on error or cancel): drop the
+    K_f/V_f caches, Eq. 7 masks, per-step adapter weights and reference latents held on the device, which
+    ComfyUI's memory manager cannot see or free."""
+    for p in ours(model_patcher):
+        p.release()
+
+
+def cached_tensors(model_patcher) -> list:
+    """Every tensor IDFusion currently keeps for this model (for tests and diagnostics), each once."""
+    out = {}
+    for p in ours(model_patcher):
+        for t in p.cached_tensors():
+            out[id(t)] = t
+    return list(out.values())
+
+
+def _has_region(fusions) -> bool:
+    return any(e.region is not None for f in fusions for e in f.entries)
+
+
 def install(model_patcher, fusion_: Fusion):
-    """A clone of model_patcher with fusion_ patched into every attn2 layer (read off the model)."""
-    m = model_patcher.clone()
+    """A clone of model_patcher with fusion_ patched into every attn2 layer (read off the model).
+
+    Keys: (block, number, index) for every layer, which ComfyUI looks up first; and (block, number), where
+    packs that use 2-tuple keys (IPAdapter_plus on SD1.5) look, so they find this patch and stack on it with
+    .add instead of installing a patch that the 3-tuple key would silently shadow."""
+    m = model_patcher.clone()  # read the clone's (deep-copied) patches, so nothing of the input is reused
     replaces = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+    patches = {}
     for layer in fusion_.adapter.layers:
         block, number, index = layer.key
         prev = replaces.get(layer.key, replaces.get((block, number)))
-        if isinstance(prev, LayerPatch):
-            patch = LayerPatch(layer, prev.fusions + [fusion_], prev.previous)
+        if isinstance(prev, BlockPatches):
+            prev = prev.patches.get(index)
+        if isinstance(prev, LayerPatch):  # another Apply: stack, keeping what it chained and what was added to it
+            patch = LayerPatch(layer, prev.fusions + [fusion_], prev.previous, prev.added)
         else:
             patch = LayerPatch(layer, [fusion_], prev)
+        if patch.previous is not None and _has_region(patch.fusions):
+            raise AdapterError(f"IDFusion region masks cannot be combined with another node's attention replacement "
+                               f"({type(patch.previous).__name__}) on layer {layer.key}: the masks would not reach it. "
+                               f"Apply that node after IDFusion (packs that stack with .add, such as current "
+                               f"IPAdapter_plus, InstantID and PuLID, work then), or use IDFusion without masks.")
+        patches[layer.key] = patch
+    by_block = {}
+    for (block, number, index), patch in patches.items():
         m.set_model_attn2_replace(patch, block, number, index)
-    from comfy.patcher_extension import WrappersMP
+        by_block.setdefault((block, number), {})[index] = patch
+    for (block, number), group in by_block.items():
+        m.set_model_attn2_replace(next(iter(group.values())) if len(group) == 1 else BlockPatches(group), block, number)
+    from comfy.patcher_extension import CallbacksMP, WrappersMP
     m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, f"{WRAPPER_KEY}_{fusion_.uid}", fusion_.apply_model_wrapper)
+    if not m.get_callbacks(CallbacksMP.ON_CLEANUP, RELEASE_KEY):
+        m.add_callback_with_key(CallbacksMP.ON_CLEANUP, RELEASE_KEY, release_device_memory)
     return m

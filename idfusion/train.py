@@ -12,6 +12,7 @@ that splits the same global batch across processes, repeat an uninterrupted sing
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -116,10 +117,43 @@ def checkpointed(model_patcher):
     return patched
 
 
+def training_mode(fn):
+    """Run fn with autograd on. ComfyUI executes every node under torch.inference_mode() (execution.py), where
+    nothing records gradients; its own trainer (comfy_extras/nodes_train.py) leaves it the same way. Tensors read or
+    made here (optimizer state, cached latents, captions) are then normal tensors that autograd may save."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with torch.inference_mode(False), torch.enable_grad():
+            return fn(*args, **kwargs)
+    return run
+
+
+def _normal_weights(module: nn.Module) -> int:
+    """Replace inference-tensor parameters and buffers by normal copies with the same values; returns how many.
+    A model loaded inside a ComfyUI node has inference-tensor weights, and autograd refuses to save those for
+    backward (the frozen UNet's weights are needed to back-propagate through the blocks after each attn2).
+    One tensor at a time, so the peak is one extra tensor, not a second model. Values are unchanged, so the
+    MODEL behaves the same everywhere else; a later ModelPatcher unpatch still restores its own backups."""
+    n = 0
+    for m in module.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None and p.is_inference():
+                m._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=False)
+                n += 1
+        for name, b in list(m._buffers.items()):
+            if b is not None and b.is_inference():
+                m._buffers[name] = b.clone()
+                n += 1
+    return n
+
+
 def _loss_weight(model_sampling, sigma):
-    """x0-space squared error times this equals the model's own loss: eps (1/sigma^2) or v ((s^2+sd^2)/(s^2 sd^2))."""
+    """x0-space squared error times this equals the model's own loss: eps (1/sigma^2), v ((s^2+sd^2)/(s^2 sd^2)) or,
+    for a model that predicts x0 itself (the pack's synthetic_faces model), 1."""
     import comfy.model_sampling as ms
     sd = getattr(model_sampling, "sigma_data", 1.0)
+    if isinstance(model_sampling, ms.X0):
+        return torch.ones_like(sigma)
     if isinstance(model_sampling, ms.V_PREDICTION):
         return (sigma ** 2 + sd ** 2) / (sigma ** 2 * sd ** 2)
     return 1.0 / sigma ** 2
@@ -130,6 +164,7 @@ def _row_generator(seed: int, step: int, row: int) -> torch.Generator:
 
 
 class Trainer:
+    @training_mode
     def __init__(self, model_patcher, clip, vae, dataset, out_dir: str, name: str, config: TrainConfig,
                  adapter: IDFusionAdapter | None = None):
         import torch.distributed as dist
@@ -145,6 +180,7 @@ class Trainer:
         mm.load_models_gpu([model_patcher])
         self.base = model_patcher.model
         self.device = model_patcher.load_device
+        _normal_weights(self.base)
         for p in self.base.parameters():
             p.requires_grad_(False)
         self.adapter = adapter or IDFusionAdapter.fresh(model_patcher, init=config.init, seed=config.seed,
@@ -189,6 +225,7 @@ class Trainer:
         save_safetensors_atomic(tensors, self.state_path, meta)
         write_loss_curve(self.losses, os.path.join(self.out_dir, f"{self.name}.loss.png"))
 
+    @training_mode
     def resume(self) -> bool:
         if not os.path.isfile(self.state_path):
             return False
@@ -262,7 +299,9 @@ class Trainer:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast("cuda", dtype=torch.float16 if mp == "fp16" else torch.bfloat16)
 
+    @training_mode
     def train_step(self) -> float:
+        _normal_weights(self.base)  # again: a reload onto the device (after the VAE ran) under inference mode makes new ones
         batch = self._batch(self.step)
         sigma = self.ms.sigma(batch["t"]).to(self.device)
         x_t = self.ms.noise_scaling(sigma, batch["noise"], batch["x0"])
@@ -302,6 +341,7 @@ class Trainer:
         self.losses.append([self.step, float(value)])
         return float(value)
 
+    @training_mode
     def run(self, on_step=None, should_stop=None) -> str:
         """Train to cfg.steps, saving every cfg.save_every steps and at the end. should_stop() is polled each
         step (ComfyUI's cancel); on stop the last checkpoint is kept and the exception re-raised."""

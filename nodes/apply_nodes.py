@@ -3,8 +3,10 @@ import logging
 
 import torch
 
+from ..idfusion import fusion
 from ..idfusion.patch import Entry, Fusion, install
 from .common import CATEGORY
+from .previews import region_overlay, save_temp_png
 
 log = logging.getLogger("IDFusion")
 MAX_IDENTITIES = 4
@@ -48,15 +50,50 @@ def _warn_encoding(adapter, identity):
                         "re-encode the reference to match for best results.", identity.name, k, i, k, a)
 
 
-def _region(mask, what):
+def _region(mask, what, fix_batch="give one mask"):
+    """A region mask (H, W) on the CPU, or a clear error naming `what`: a batch of several masks, NaN/Inf values,
+    nothing painted."""
     m = mask.float()
     if m.ndim == 3:
+        if m.shape[0] != 1:
+            raise ValueError(f"{what} is a batch of {m.shape[0]} masks, but it takes one: {fix_batch}.")
         m = m[0]
     if m.ndim != 2:
         raise ValueError(f"{what} must be a MASK of shape (H, W) or (1, H, W), got {tuple(mask.shape)}.")
+    bad = ~torch.isfinite(m)
+    if bool(bad.any()):
+        nan = int(torch.isnan(m).sum())
+        where = "everywhere" if bool(bad.all()) else f"in {int(bad.sum())} of {m.numel()} pixels"
+        kind = "NaN" if nan == int(bad.sum()) else ("Inf" if nan == 0 else "NaN/Inf")
+        raise ValueError(f"{what} is {kind} {where} (not a number, so no region can be read from it): the node that made "
+                         f"the mask produced invalid values (e.g. a division by zero); fix that node or paint the mask again.")
     if not bool((m > 0).any()):
         raise ValueError(f"{what} is empty (all zero): paint the region where this identity's face should appear.")
     return m.cpu()
+
+
+def check_regions(regions: list, names: list[str]):
+    """Eq. 7 hides every other identity inside a region. An identity whose whole region lies inside other regions
+    (complete overlap, or another mask covering the whole frame) would never be visible where it should appear:
+    refuse that here, at the mask's resolution and with the layers' own inside rule, instead of silently generating
+    without it."""
+    if len(regions) < 2:
+        return
+    h, w = regions[0].shape
+    for n, r in zip(names, regions):
+        if tuple(r.shape) != (h, w):
+            raise ValueError(f"{n} is {tuple(r.shape)} but {names[0]} is {(h, w)}: give all masks one size.")
+    inside = torch.stack([fusion.region_tokens(r, h, w) for r in regions])  # (n, h*w), as the layers decide
+    full = [n for n, i in zip(names, inside) if bool(i.all())]
+    for i, name in enumerate(names):
+        others = torch.cat([inside[:i], inside[i + 1:]])
+        if not bool((inside[i] & ~others.any(0)).any()):
+            covering = [names[j] for j in range(len(names)) if j != i and bool((inside[i] & inside[j]).any())]
+            why = (f"{' and '.join(full)} cover{'s' if len(full) == 1 else ''} the whole frame" if any(f != name for f in full)
+                   else f"it lies entirely inside {', '.join(covering)}")
+            raise ValueError(f"{name}: identity {i + 1} would never be visible, because {why}; inside another identity's "
+                             f"region every other identity is hidden (Eq. 7). Make each mask cover only its own person's "
+                             f"area; masks may overlap partly, but each needs some area of its own.")
 
 
 class IDFusionApply:
@@ -79,7 +116,9 @@ class IDFusionApply:
                    "Chain several Apply nodes to add more identities.")
 
     def apply(self, model, adapter, identity, weight, start_at, end_at, uncond, mode, attn_mask=None):
-        entry = Entry(identity, _region(attn_mask, "attn_mask") if attn_mask is not None else None, confine=True)
+        region = None if attn_mask is None else _region(attn_mask, "attn_mask", "connect a single mask, or use IDFusion Apply "
+                                                        "Multi-Identity with one mask per identity")
+        entry = Entry(identity, region, confine=True)
         return _apply(model, adapter, [entry], weight, start_at, end_at, uncond, mode)
 
 
@@ -97,20 +136,35 @@ class IDFusionApplyMultiIdentity:
         }, "optional": ids}
 
     RETURN_TYPES = ("MODEL",)
-    FUNCTION = "apply"
+    OUTPUT_TOOLTIPS = ("A clone of the model with every identity placed in its region. The node shows each region as "
+                       "the layers read it, one colour per identity (identity 1-4: red, green, blue, orange).",)
+    FUNCTION = "apply_with_preview"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Several people in one image (paper section 3.4): inside identity j's region, the other identities' keys are "
                    "masked out (Eq. 7), so faces do not morph into each other. Outside all regions every identity is visible.")
 
     def apply(self, model, adapter, masks, weight, start_at, end_at, uncond, mode, **identities):
-        ids = [identities[k] for k in sorted(identities) if identities[k] is not None]
+        """The patched model, as a tuple (for Python callers); ComfyUI calls apply_with_preview."""
+        return self._place(model, adapter, masks, weight, start_at, end_at, uncond, mode, **identities)[0]
+
+    def apply_with_preview(self, model, adapter, masks, weight, start_at, end_at, uncond, mode, **identities):
+        result, regions = self._place(model, adapter, masks, weight, start_at, end_at, uncond, mode, **identities)
+        return {"ui": {"images": [save_temp_png(region_overlay(regions), "IDFusion_regions")]}, "result": result}
+
+    def _place(self, model, adapter, masks, weight, start_at, end_at, uncond, mode, **identities):
+        names = [k for k in sorted(identities) if identities[k] is not None]
+        ids = [identities[k] for k in names]
         if masks.ndim == 2:
             masks = masks[None]
         if masks.shape[0] != len(ids):
+            extra = (f"connect an identity for each extra mask or drop masks {len(ids) + 1}-{masks.shape[0]} from the batch"
+                     if masks.shape[0] > len(ids) else "give one mask per identity, in the same order")
             raise ValueError(f"masks has {masks.shape[0]} mask(s) but {len(ids)} identit{'y is' if len(ids) == 1 else 'ies are'} "
-                             f"connected: give one mask per identity, in the same order.")
-        entries = [Entry(i, _region(m, f"mask {n + 1}")) for n, (i, m) in enumerate(zip(ids, masks))]
-        return _apply(model, adapter, entries, weight, start_at, end_at, uncond, mode)
+                             f"connected ({', '.join(names)}): {extra}.")
+        regions = [_region(m, f"mask {n + 1}") for n, m in enumerate(masks)]
+        check_regions(regions, [f"mask {n + 1}" for n in range(len(regions))])
+        entries = [Entry(i, r) for i, r in zip(ids, regions)]
+        return _apply(model, adapter, entries, weight, start_at, end_at, uncond, mode), regions
 
 
 class IDFusionMaskBatch:
@@ -127,8 +181,14 @@ class IDFusionMaskBatch:
     DESCRIPTION = "Stacks region masks (resized to mask_1's size) into one batch for IDFusion Apply Multi-Identity."
 
     def batch(self, **masks):
-        ms = [masks[k] for k in sorted(masks) if masks[k] is not None]
-        ms = [m[None] if m.ndim == 2 else m[:1] for m in ms]
+        names = [k for k in sorted(masks) if masks[k] is not None]
+        ms = [masks[k] for k in names]
+        for name, m in zip(names, ms):  # a batch here would silently lose masks or shift identities
+            if m.ndim == 3 and m.shape[0] != 1:
+                raise ValueError(f"{name} is a batch of {m.shape[0]} masks; Mask Batch takes one mask per input (mask i = "
+                                 f"region of identity i). Pick one mask from the batch, or connect the batch to Apply "
+                                 f"Multi-Identity's masks directly.")
+        ms = [m[None] if m.ndim == 2 else m for m in ms]
         size = ms[0].shape[-2:]
         out = [m if m.shape[-2:] == size else torch.nn.functional.interpolate(m[None].float(), size=size, mode="bilinear")[0] for m in ms]
         return (torch.cat(out),)

@@ -9,6 +9,7 @@ import torch
 
 from ..idfusion import faces as F
 from .common import CATEGORY
+from .previews import save_temp_png
 
 log = logging.getLogger("IDFusion")
 
@@ -158,9 +159,16 @@ class IDFusionFaceMasks:
     RETURN_NAMES = ("masks", "preview")
     OUTPUT_TOOLTIPS = ("One mask per identity, in identity order: connect to Apply Multi-Identity's masks.",
                        "The image with each identity's region tinted in its own colour (red, green, blue, orange = identity 1-4).")
-    FUNCTION = "masks"
+    FUNCTION = "masks_with_preview"
     CATEGORY = CATEGORY
-    DESCRIPTION = "Region masks for multi-identity generation from the faces on a layout image (or from your masks)."
+    DESCRIPTION = ("Region masks for multi-identity generation from the faces on a layout image (or from your masks). The node "
+                   "shows the layout with each identity's region tinted in its colour.")
+
+    def masks_with_preview(self, image, identities, order, margin, feather, face_analysis=None, user_masks=None):
+        """What ComfyUI calls: masks() plus the tinted layout as a temp PNG the frontend shows on the node."""
+        masks, preview = self.masks(image, identities, order, margin, feather, face_analysis, user_masks)
+        rgb = (preview[0].numpy() * 255.0 + 0.5).astype(np.uint8)
+        return {"ui": {"images": [save_temp_png(rgb, "IDFusion_face_masks")]}, "result": (masks, preview)}
 
     def masks(self, image, identities, order, margin, feather, face_analysis=None, user_masks=None):
         rgb = to_uint8(image[:1])[0]

@@ -1,8 +1,31 @@
 """Identity nodes: encode reference faces into per-layer h_f, save/load identity files, merge references."""
+import os
+import uuid
+
 import comfy.utils
+import folder_paths
+import numpy as np
+from PIL import Image
 
 from ..idfusion.identity import Identity, encode_identity, merge
-from .common import CATEGORY, full_path, identity_files, new_identity_path
+from .common import CATEGORY, check_name, full_path, identity_files, new_identity_path
+
+
+def thumbnails_ui(identity) -> dict:
+    """The references' thumbnails as temp PNGs, listed like PreviewImage's output, so the stock frontend shows
+    them under the node (and API users find them in the history)."""
+    folder = folder_paths.get_temp_directory()
+    os.makedirs(folder, exist_ok=True)
+    tag = uuid.uuid4().hex[:10]
+    images = []
+    for r in range(identity.references):
+        t = identity.thumbnail(r)
+        if t is None:
+            continue
+        filename = f"IDFusion_reference_{tag}_{r + 1:02}.png"
+        Image.fromarray(np.asarray(t.cpu())).save(os.path.join(folder, filename), compress_level=1)
+        images.append({"filename": filename, "subfolder": "", "type": "temp"})
+    return {"images": images}
 
 
 class IDFusionEncodeReference:
@@ -15,7 +38,8 @@ class IDFusionEncodeReference:
                                            "concatenated as in the paper's Eq. 6). Aligned face crops work best."}),
             "timestep": ("INT", {"default": 0, "min": 0, "max": 999, "tooltip":
                          "The (near-clean) timestep of the single reference pass. Keep the value the adapter was trained with (0)."}),
-            "name": ("STRING", {"default": "identity", "tooltip": "A label for messages and saved files."}),
+            "name": ("STRING", {"default": "identity", "tooltip": "A label for messages and saved files "
+                     "(letters, digits, spaces, '_' and '-')."}),
         }, "optional": {
             "clip": ("CLIP", {"tooltip": "If connected, the reference pass uses CLIP's empty prompt; otherwise a zero text "
                               "context. Use what the adapter was trained with."}),
@@ -31,8 +55,10 @@ class IDFusionEncodeReference:
                    "into K_f/V_f once.")
 
     def encode(self, model, vae, reference_images, timestep, name, clip=None):
+        check_name("name", name, where="it labels the identity in messages and saved files")
         pbar = comfy.utils.ProgressBar(reference_images.shape[0])
-        return (encode_identity(model, vae, reference_images, clip=clip, timestep=timestep, name=name, progress=pbar),)
+        identity = encode_identity(model, vae, reference_images, clip=clip, timestep=timestep, name=name, progress=pbar)
+        return {"ui": thumbnails_ui(identity), "result": (identity,)}
 
 
 class IDFusionMergeIdentities:
@@ -50,7 +76,7 @@ class IDFusionMergeIdentities:
     DESCRIPTION = "Joins the references of two identities of the same person (multi-reference, Eq. 6)."
 
     def merge(self, identity_1, identity_2):
-        return (merge([identity_1, identity_2]),)
+        return (merge([identity_1, identity_2]),)  # keeps both sets of references and their thumbnails
 
 
 class IDFusionSaveIdentity:
@@ -86,7 +112,8 @@ class IDFusionLoadIdentity:
     DESCRIPTION = "Loads a saved identity (.safetensors only). It must have been encoded with a model of the same family."
 
     def load(self, identity_name):
-        return (Identity.load(full_path("Identity", identity_name)),)
+        identity = Identity.load(full_path("Identity", identity_name))
+        return {"ui": thumbnails_ui(identity), "result": (identity,)}
 
 
 NODE_CLASS_MAPPINGS = {"IDFusionEncodeReference": IDFusionEncodeReference, "IDFusionMergeIdentities": IDFusionMergeIdentities,

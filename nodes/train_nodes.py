@@ -11,7 +11,7 @@ from PIL import Image
 
 from ..idfusion.dataset import FaceDataset
 from ..idfusion.train import TrainConfig, Trainer
-from .common import CATEGORY, FOLDER, _SAFE
+from .common import CATEGORY, FOLDER, check_name
 
 DATASETS = "idfusion_datasets"
 
@@ -47,7 +47,7 @@ class IDFusionTrainAdapter:
             "class_prompt": ("STRING", {"default": d.class_prompt, "tooltip": "The class prompt for cgdr."}),
             "encoding": (["cached", "per_step"], {"tooltip": "How references are encoded: clean once (cached) or noised to the target's sigma (per_step). Written into the adapter."}),
             "resume": ("BOOLEAN", {"default": True, "tooltip": "Continue from models/idfusion/training/<name>.train-state.safetensors if it exists."}),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("IDFUSION_ADAPTER", "IMAGE")
     RETURN_NAMES = ("adapter", "loss_curve")
@@ -57,11 +57,20 @@ class IDFusionTrainAdapter:
     DESCRIPTION = "Trains an IDFusion adapter (only Linear_kf/Linear_vf). Cancel keeps the last checkpoint; run again to resume."
 
     def train(self, model, clip, vae, dataset, adapter_name, steps, batch_size, learning_rate, resolution, save_every, seed,
-              init, reference, reference_dropout, face_loss_weight, cgdr_weight, class_prompt, encoding, resume):
-        if not _SAFE.match(adapter_name or "") or " " in adapter_name:
-            raise ValueError(f"adapter_name {adapter_name!r} may only contain letters, digits, '_' and '-': the adapter is always saved in models/idfusion.")
+              init, reference, reference_dropout, face_loss_weight, cgdr_weight, class_prompt, encoding, resume, unique_id=None):
+        check_name("adapter_name", adapter_name, spaces=False, where="the adapter is always saved in models/idfusion")
+        check_name("dataset", dataset, where=f"pick a folder of ComfyUI/input/{DATASETS}/", folder=True)
         if dataset not in dataset_folders():
-            raise ValueError(f"dataset {dataset!r} is not a folder in ComfyUI/input/{DATASETS}/.")
+            raise ValueError(f"dataset {dataset!r} is not a folder in ComfyUI/input/{DATASETS}/: put the images there "
+                             "and refresh the node list.")
+        # ComfyUI runs nodes under torch.inference_mode(); training needs autograd (as comfy_extras/nodes_train.py does)
+        with torch.inference_mode(False), torch.enable_grad():
+            return self._train(model, clip, vae, dataset, adapter_name, steps, batch_size, learning_rate, resolution,
+                               save_every, seed, init, reference, reference_dropout, face_loss_weight, cgdr_weight,
+                               class_prompt, encoding, resume, unique_id)
+
+    def _train(self, model, clip, vae, dataset, adapter_name, steps, batch_size, learning_rate, resolution, save_every, seed,
+               init, reference, reference_dropout, face_loss_weight, cgdr_weight, class_prompt, encoding, resume, unique_id):
         root = folder_paths.get_folder_paths(FOLDER)[0]
         work = os.path.join(root, "training")
         os.makedirs(work, exist_ok=True)
@@ -75,25 +84,37 @@ class IDFusionTrainAdapter:
         trainer.resume()
         pbar = comfy.utils.ProgressBar(steps)
         pbar.update_absolute(trainer.step, steps)
+        node = str(unique_id) if unique_id is not None else None
 
         def on_step(step, loss):
             pbar.update_absolute(step, steps)
-            _progress_text(f"step {step}/{steps}  loss {loss:.4f}")
+            _send(node, f"step {step}/{steps}  loss {loss:.4f}", {"node": node, "step": int(step), "steps": int(steps), "loss": float(loss)})
 
         trainer.run(on_step=on_step, should_stop=comfy.model_management.throw_exception_if_processing_interrupted)
         final = os.path.join(root, f"{adapter_name}.safetensors")
         trainer.adapter.save(final)  # the loadable adapter, next to the others
         curve = os.path.join(work, f"{adapter_name}.loss.png")
         image = torch.from_numpy(np.asarray(Image.open(curve).convert("RGB"), dtype=np.float32) / 255.0)[None]
-        return {"ui": {"text": [final]}, "result": (trainer.adapter.cpu(), image)}
+        adapter = trainer.adapter.cpu().requires_grad_(False)  # inference from here on
+        # the whole history, resumed steps included, for the page's loss chart (js/ reads ui.idfusion_loss)
+        history = [[int(s), float(l)] for s, l in trainer.losses]
+        return {"ui": {"text": [final], "idfusion_loss": history}, "result": (adapter, image)}
 
 
-def _progress_text(text):
+def _send(node, text, event):
+    """The loss as progress text under the node, and an `idfusion.train` event for the page's loss chart. Outside a
+    server (tests, scripts) there is no PromptServer.instance: the progress bar is enough."""
     try:
         from server import PromptServer
-        PromptServer.instance.send_progress_text(text, PromptServer.instance.last_node_id)
-    except Exception:  # no server (tests, scripts): the progress bar is enough
-        pass
+    except ImportError:
+        return
+    server = getattr(PromptServer, "instance", None)
+    if server is None:
+        return
+    sid = getattr(server, "client_id", None)  # the client that queued the prompt, like ComfyUI's progress events
+    node = node if node is not None else server.last_node_id
+    server.send_progress_text(text, node, sid)
+    server.send_sync("idfusion.train", {**event, "node": node}, sid)
 
 
 NODE_CLASS_MAPPINGS = {"IDFusionTrainAdapter": IDFusionTrainAdapter}

@@ -12,6 +12,10 @@ Library:
     name = client.upload_image("face.png")                # into its input folder, for a LoadImage node
     entry = client.wait(client.queue(prompt_dict))        # the history entry
     png = client.view(entry["outputs"][node_id]["images"][0])   # an output image's bytes
+    events = client.events()                              # the server's websocket: ("progress", {...}), ...
+    client.queue_state(); client.cancel([prompt_id]); client.interrupt(prompt_id)   # queue management
+
+scripts/batch.py spreads many jobs over several servers with this client; scripts/face_benchmark.py runs on it.
 
 CLI:
     python scripts/comfy_server.py run workflows/api/idfusion_basic_api.json --base DIR [--comfyui DIR] [--python PY]
@@ -25,11 +29,15 @@ The server is started as
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -140,11 +148,12 @@ class ComfyClient:
             raise ComfyServerError(f"Nodes not registered by the server: {', '.join(missing)}.\n{self._node_load_hint()}")
         return info
 
-    def upload_image(self, path: str) -> str:
+    def upload_image(self, path: str, name: str | None = None) -> str:
         """POST /upload/image (multipart, what the UI's upload button sends) into the server's input folder; returns
-        the name for a LoadImage node. A different file of the same name is kept: the server picks a new name."""
+        the name for a LoadImage node. A different file of the same name is kept: the server picks a new name.
+        `name`: the file name on the server (default: the file's own)."""
         boundary = uuid.uuid4().hex
-        name = os.path.basename(path).replace('"', "_")
+        name = (name or os.path.basename(path)).replace('"', "_")
         with open(path, "rb") as f:
             data = f.read()
         body = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
@@ -161,10 +170,14 @@ class ComfyClient:
                                         "type": image.get("type") or "output"})
         return self._http("GET", "/view?" + query, timeout=timeout)
 
-    def queue(self, prompt: dict) -> str:
-        """POST /prompt; returns the prompt id. Validation errors raise with the server's message."""
+    def queue(self, prompt: dict, prompt_id: str | None = None) -> str:
+        """POST /prompt; returns the prompt id. Validation errors raise with the server's message. `prompt_id`: choose
+        the id (both pinned hosts accept it), so a request that timed out can still be looked up."""
+        body = {"prompt": prompt, "client_id": self.client_id}
+        if prompt_id:
+            body["prompt_id"] = prompt_id
         try:
-            r = self.post_json("/prompt", {"prompt": prompt, "client_id": self.client_id})
+            r = self.post_json("/prompt", body)
         except urllib.error.HTTPError as e:
             text = e.read().decode(errors="replace")
             try:
@@ -196,14 +209,59 @@ class ComfyClient:
                                            f"{self._log_hint()}") from None
                 entry = None
             if entry is not None:
-                # the history entry is only written once the prompt is done, successfully or not
-                status = entry.get("status") or {}
-                if status.get("status_str") == "error" or status.get("completed") is False:
-                    raise ComfyServerError(self._execution_error(prompt_id, status))
-                return entry
+                return self.check_entry(prompt_id, entry)
             if time.monotonic() > deadline:
                 raise ComfyServerError(f"Prompt {prompt_id} did not finish within {timeout:.0f}s.\n{self._log_hint()}")
             time.sleep(poll)
+
+    def check_entry(self, prompt_id: str, entry: dict) -> dict:
+        """A history entry (only written once the prompt is done, successfully or not); raises if it failed."""
+        status = entry.get("status") or {}
+        if status.get("status_str") == "error" or status.get("completed") is False:
+            raise ComfyServerError(self._execution_error(prompt_id, status))
+        return entry
+
+    def history(self, prompt_id: str, timeout: float = 30.0) -> dict | None:
+        """GET /history/<id>: the entry of a finished prompt, None while it is queued or running (or unknown)."""
+        return (self.get_json(f"/history/{urllib.parse.quote(prompt_id)}", timeout=timeout) or {}).get(prompt_id)
+
+    def queue_state(self, timeout: float = 30.0) -> tuple[list[str], list[str]]:
+        """GET /queue: (running prompt ids, pending prompt ids), of every client."""
+        q = self.get_json("/queue", timeout=timeout) or {}
+        ids = lambda items: [item[1] for item in items or [] if len(item) > 1]  # (number, prompt_id, prompt, ...)
+        return ids(q.get("queue_running")), ids(q.get("queue_pending"))
+
+    def cancel(self, prompt_ids, timeout: float = 30.0):
+        """Remove prompts from the server's pending queue (POST /queue delete); a running or finished one stays."""
+        if prompt_ids:
+            self._request("POST", "/queue", {"delete": list(prompt_ids)}, timeout=timeout)
+
+    def interrupt(self, prompt_id: str, timeout: float = 30.0) -> bool:
+        """Interrupt `prompt_id` if it is the one running. 0.3.75 checks the id itself; 0.3.52's /interrupt stops
+        whatever runs, so the id is checked here first (a prompt of another client that starts in between, within
+        milliseconds, could still be hit there)."""
+        running, _ = self.queue_state(timeout)
+        if prompt_id not in running:
+            return False
+        self._request("POST", "/interrupt", {"prompt_id": prompt_id}, timeout=timeout)
+        return True
+
+    def events(self, timeout: float = 10.0) -> "EventStream":
+        """The server's websocket (/ws) for this client id: status, execution_start, executing, progress,
+        executed, execution_success / execution_error / execution_interrupted of the prompts it queued."""
+        return EventStream(self.url, self.client_id, timeout)
+
+    @staticmethod
+    def output_files(entry: dict, types=("output",)) -> list[tuple[str, dict]]:
+        """[(node id, {filename, subfolder, type}), ...] of every file a finished prompt lists in its outputs
+        (images, gifs, audio, ...), in node order; only those of `types` (SaveImage: output, PreviewImage: temp)."""
+        files = []
+        for node_id in sorted(entry.get("outputs") or {}, key=lambda k: (len(k), k)):
+            for value in (entry["outputs"][node_id] or {}).values():
+                if isinstance(value, list):
+                    files += [(node_id, f) for f in value if isinstance(f, dict) and "filename" in f
+                              and (f.get("type") or "output") in types]
+        return files
 
     def _execution_error(self, prompt_id: str, status: dict) -> str:
         for event, data in status.get("messages", []):
@@ -215,6 +273,144 @@ class ComfyClient:
             if event == "execution_interrupted":
                 return f"Prompt {prompt_id} was interrupted at node {data.get('node_id')} ({data.get('node_type')})."
         return f"Prompt {prompt_id} failed (status {status.get('status_str')!r}).\n{self._log_hint()}"
+
+
+class EventStream:
+    """A minimal websocket client (RFC 6455, standard library) for ComfyUI's /ws?clientId=...: text frames are the
+    server's JSON events, binary ones (previews) are skipped; pings are answered. recv() returns (type, data), None
+    when nothing came within the timeout, and raises ConnectionError once the server closed or vanished."""
+
+    GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+    def __init__(self, url: str, client_id: str, timeout: float = 10.0):
+        parts = urllib.parse.urlsplit(url)
+        secure = parts.scheme == "https"
+        host, port = parts.hostname or "127.0.0.1", parts.port or (443 if secure else 80)
+        sock = socket.create_connection((host, port), timeout=timeout)
+        if secure:
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+        self._sock, self._buf, self._frags, self._closed = sock, b"", [], False
+        key = base64.b64encode(os.urandom(16)).decode()
+        path = (parts.path.rstrip("/") or "") + "/ws?clientId=" + urllib.parse.quote(client_id)
+        sock.sendall((f"GET {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                      f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        while b"\r\n\r\n" not in self._buf:
+            chunk = sock.recv(4096)
+            if not chunk:
+                sock.close()
+                raise ConnectionError(f"{url}/ws closed during the websocket handshake")
+            self._buf += chunk
+        head, self._buf = self._buf.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (l.partition(":") for l in lines[1:])}
+        accept = base64.b64encode(hashlib.sha1((key + self.GUID).encode()).digest()).decode()
+        if " 101 " not in lines[0] + " " or headers.get("sec-websocket-accept") != accept:
+            sock.close()
+            raise ConnectionError(f"{url}/ws did not accept the websocket: {lines[0]}")
+
+    def _frame(self):
+        """(opcode, fin, payload) of the next complete frame in the buffer, or None; consumes it."""
+        b = self._buf
+        if len(b) < 2:
+            return None
+        n, i = b[1] & 0x7F, 2
+        if n == 126:
+            if len(b) < 4:
+                return None
+            n, i = int.from_bytes(b[2:4], "big"), 4
+        elif n == 127:
+            if len(b) < 10:
+                return None
+            n, i = int.from_bytes(b[2:10], "big"), 10
+        mask = None
+        if b[1] & 0x80:  # servers do not mask, but the format allows it
+            if len(b) < i + 4:
+                return None
+            mask, i = b[i:i + 4], i + 4
+        if len(b) < i + n:
+            return None
+        payload, self._buf = b[i:i + n], b[i + n:]
+        if mask:
+            payload = bytes(c ^ mask[k % 4] for k, c in enumerate(payload))
+        return b[0] & 0x0F, bool(b[0] & 0x80), payload
+
+    def _send(self, opcode: int, payload: bytes = b""):
+        mask = os.urandom(4)  # a client must mask every frame it sends
+        n = len(payload)
+        size = bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big") if n < 65536 \
+            else bytes([0x80 | 127]) + n.to_bytes(8, "big")
+        head = bytes([0x80 | opcode]) + size
+        self._sock.sendall(head + mask + bytes(c ^ mask[k % 4] for k, c in enumerate(payload)))
+
+    def recv(self, timeout: float = 1.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._closed:
+                raise ConnectionError("websocket closed")
+            frame = self._frame()
+            if frame is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._sock.settimeout(left)
+                try:
+                    chunk = self._sock.recv(65536)
+                except (socket.timeout, TimeoutError):
+                    return None
+                except OSError as e:
+                    self._closed = True
+                    raise ConnectionError(f"websocket lost: {e}") from None
+                if not chunk:
+                    self._closed = True
+                    raise ConnectionError("websocket closed by the server")
+                self._buf += chunk
+                continue
+            opcode, fin, payload = frame
+            if opcode == 8:  # close
+                self._closed = True
+                raise ConnectionError("websocket closed by the server")
+            if opcode == 9:  # ping
+                self._send(10, payload)
+                continue
+            if opcode in (0, 1, 2):
+                self._frags.append((opcode, payload))
+                if not fin:
+                    continue
+                first, data = self._frags[0][0], b"".join(p for _, p in self._frags)
+                self._frags = []
+                if first == 1:  # text: {"type": ..., "data": ...}
+                    try:
+                        msg = json.loads(data.decode("utf-8"))
+                    except ValueError:
+                        continue
+                    if isinstance(msg, dict) and "type" in msg:
+                        return msg["type"], msg.get("data") or {}
+
+    def close(self):
+        if not self._closed:
+            self._closed = True
+            try:
+                self._send(8)
+            except OSError:
+                pass
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+
+
+def write_atomic(path: str, data):
+    """Temp file in the same folder, then os.replace: readers never see a half-written file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path), suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 class ComfyServer(ComfyClient):

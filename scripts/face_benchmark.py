@@ -19,7 +19,10 @@ Inputs: --faces holds the reference photos (.png .jpg .jpeg .webp .bmp), each up
 the prompts file has one prompt per line (blank lines, lines starting with # and repeats are ignored); --seeds N
 --seed S runs seeds S .. S+N-1. A run that fails (rejected or failing prompt) is a row with its error and the
 benchmark goes on. Both files are rewritten atomically after every run. Exit status: 0 all runs scored, 1 some run failed,
-2 stopped (bad input, server unreachable or gone). Standard library only, like comfy_server.py.
+2 stopped (bad input, server unreachable or gone), 130 Ctrl-C. Standard library only, like comfy_server.py.
+
+The runs go through scripts/batch.py's runner (the same client, queueing and distribution): pass --url several times
+to spread them over several servers; a server that dies hands its runs to the others.
 """
 from __future__ import annotations
 
@@ -30,11 +33,11 @@ import io
 import math
 import os
 import sys
-import tempfile
 import urllib.error
 
+import batch
 import comfy_server
-from comfy_server import ComfyClient, ComfyServer, ComfyServerError
+from comfy_server import ComfyClient, ComfyServer, ComfyServerError, write_atomic  # noqa: F401 (write_atomic: API)
 
 DEFAULT_WORKFLOW = os.path.join(comfy_server.ROOT, "workflows", "api", "idfusion_face_benchmark_api.json")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -48,6 +51,7 @@ MARKERS = {
 SCORES = ("similarity", "distance", "ssim", "psnr")
 COLUMNS = ("reference", "prompt", "seed", "face_found", *SCORES, "image", "error")
 CSV_NAME, MD_NAME = "face_benchmark.csv", "face_benchmark.md"
+DEFAULT_URL = "http://127.0.0.1:8188"
 
 
 class BenchmarkError(Exception):
@@ -135,15 +139,17 @@ def fill(workflow: dict, marks: dict, values: dict) -> dict:
     return wf
 
 
-def one_line(error: Exception) -> str:
-    """The error for a CSV cell: without the server's traceback, on one line."""
-    text = str(error).split("\nServer traceback:")[0]
-    return " ".join(l.strip() for l in text.splitlines() if l.strip())
+one_line = batch.one_line  # the error for a CSV cell: without the server's traceback, on one line
 
 
 def run_one(client, workflow, scorer, saver, image_stem, out_dir, timeout):
-    """Queue one filled workflow; returns [(scores, image path relative to out_dir or "")] per scored image."""
-    entry = client.wait(client.queue(workflow), timeout=timeout)
+    """Queue one filled workflow and wait; returns [(scores, image path relative to out_dir or "")] per scored image."""
+    return scored_images(client, client.wait(client.queue(workflow), timeout=timeout), scorer, saver, image_stem, out_dir)
+
+
+def scored_images(client, entry, scorer, saver, image_stem, out_dir):
+    """[(scores, image path relative to out_dir or "")] from a finished run's history entry; the images are fetched
+    through GET /view."""
     outputs = entry.get("outputs") or {}
     scores = (outputs.get(scorer) or {}).get("idfusion_scores")
     if not scores:
@@ -170,20 +176,6 @@ def score_row(reference, prompt, seed, scores=None, image="", error=""):
 
 
 # ---------------------------------------------------------------------------------------------- outputs
-
-def write_atomic(path: str, data):
-    """Temp file in the same folder, then os.replace: readers never see a half-written file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
 
 def csv_text(rows: list[dict]) -> str:
     buf = io.StringIO()
@@ -228,19 +220,26 @@ def markdown(rows, prompts, n_refs, n_seeds, workflow_path) -> str:
 
 # ---------------------------------------------------------------------------------------------- main
 
-def connect(a) -> ComfyClient:
+def connect(a) -> list[ComfyClient]:
     if a.base:
         server = ComfyServer(a.comfyui, a.base, python=a.python)
         print(f"starting ComfyUI in {server.base_dir} (log: {server.log_path})", flush=True)
-        return server.start(a.start_timeout)
-    client = ComfyClient(a.url)
-    try:
-        client.get_json("/system_stats", timeout=15)
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        reason = getattr(e, "reason", e)
-        raise BenchmarkError(f"Cannot reach ComfyUI at {a.url} ({reason}). Start it (python main.py --listen) and pass "
-                             f"its address with --url, or use --base DIR to let this script start one.") from None
-    return client
+        return [server.start(a.start_timeout)]
+    clients, unreachable = [], []
+    for url in a.url or [DEFAULT_URL]:
+        client = ComfyClient(url)
+        try:
+            client.get_json("/system_stats", timeout=15)
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            unreachable.append(f"Cannot reach ComfyUI at {url} ({getattr(e, 'reason', e)}).")
+            continue
+        clients.append(client)
+    if not clients:
+        raise BenchmarkError(" ".join(unreachable) + " Start it (python main.py --listen) and pass its address with "
+                             "--url, or use --base DIR to let this script start one.")
+    for line in unreachable:
+        print(f"warning: {line} Running on the other server(s).", file=sys.stderr)
+    return clients
 
 
 def benchmark(a) -> int:
@@ -253,40 +252,60 @@ def benchmark(a) -> int:
         print(f"warning: no SaveImage in {a.workflow} saves the images node {scorer} scores: the CSV gets no image paths.",
               file=sys.stderr)
     seeds = [a.seed + i for i in range(a.seeds)]
-    client = connect(a)
+    clients = connect(a)
     try:
-        client.check_nodes({n["class_type"] for n in workflow.values()})
-        rows, total, done = [], len(refs) * len(prompts) * len(seeds), 0
+        for client in clients:
+            client.check_nodes({n["class_type"] for n in workflow.values()})
+        # one batch job per reference x prompt x seed; the reference (a local file) is uploaded by the runner
+        jobs = []
         for ri, ref in enumerate(refs):
-            ref_label = os.path.basename(ref)
-            try:
-                uploaded = client.upload_image(ref)
-            except ComfyServerError as e:
-                uploaded, upload_error = None, one_line(e)
+            label = os.path.basename(ref)
             for pi, prompt in enumerate(prompts):
                 for seed in seeds:
-                    done += 1
-                    client._check_alive("during the benchmark")  # a server we started that died ends it, not one row
-                    try:
-                        if uploaded is None:
-                            raise ComfyServerError(upload_error)
-                        stem = f"{ri:03d}_{os.path.splitext(ref_label)[0]}_p{pi:02d}_s{seed}"
-                        wf = fill(workflow, marks, {"reference": uploaded, "prompt": prompt, "seed": seed})
-                        new = [score_row(ref_label, prompt, seed, s, img)
-                               for s, img in run_one(client, wf, scorer, saver, stem, a.out, a.timeout)]
-                        status = "; ".join(f"similarity {r['similarity']:.4f} ssim {r['ssim']:.4f} psnr {r['psnr']:.2f}"
-                                           if r["face_found"] else "no face" for r in new)
-                    except ComfyServerError as e:
-                        new = [score_row(ref_label, prompt, seed, error=one_line(e))]
-                        status = f"FAILED: {new[0]['error']}"
-                    rows += new
-                    print(f"[{done}/{total}] {ref_label} | {prompt} | seed {seed}: {status}", flush=True)
-                    write_atomic(os.path.join(a.out, CSV_NAME), csv_text(rows))
-                    write_atomic(os.path.join(a.out, MD_NAME), markdown(rows, prompts, len(refs), len(seeds), a.workflow))
+                    inputs = [(nid, name, os.path.abspath(ref)) for nid, name in marks["reference"]]
+                    uploads = set(range(len(inputs)))
+                    inputs += [(nid, name, prompt) for nid, name in marks["prompt"]]
+                    inputs += [(nid, name, seed) for nid, name in marks["seed"]]
+                    stem = f"{ri:03d}_{os.path.splitext(label)[0]}_p{pi:02d}_s{seed}"
+                    jobs.append(batch.Job(stem, len(jobs), {"reference": label, "prompt": prompt, "seed": seed},
+                                          inputs, uploads, data=(label, prompt, seed, stem)))
+        rows_of: dict[int, list] = {}
+
+        def collect(job, client, entry):
+            label, prompt, seed, stem = job.data
+            return {"rows": [score_row(label, prompt, seed, s, img)
+                             for s, img in scored_images(client, entry, scorer, saver, stem, a.out)]}
+
+        def on_record(job, rec):  # called once per run, in the order they finish
+            label, prompt, seed, _ = job.data
+            if rec["status"] == "done":
+                new = rec["rows"]
+                status = "; ".join(f"similarity {r['similarity']:.4f} ssim {r['ssim']:.4f} psnr {r['psnr']:.2f}"
+                                   if r["face_found"] else "no face" for r in new)
+            else:
+                new = [score_row(label, prompt, seed, error=one_line(rec["error"]))]
+                status = f"FAILED: {new[0]['error']}"
+            rows_of[job.index] = new
+            print(f"[{len(rows_of)}/{len(jobs)}] {label} | {prompt} | seed {seed}: {status}", flush=True)
+            rows = [r for k in sorted(rows_of) for r in rows_of[k]]  # the table in reference x prompt x seed order
+            write_atomic(os.path.join(a.out, CSV_NAME), csv_text(rows))
+            write_atomic(os.path.join(a.out, MD_NAME), markdown(rows, prompts, len(refs), len(seeds), a.workflow))
+
+        runner = batch.Runner(workflow, jobs, clients, collector=collect, on_record=on_record, timeout=a.timeout,
+                              server_timeout=30.0, progress=batch.Progress(len(jobs), bar=False))
+        summary = runner.run()
     finally:
-        if isinstance(client, ComfyServer):
-            client.stop()
+        for client in clients:
+            if isinstance(client, ComfyServer):
+                client.stop()
+    rows = [r for k in sorted(rows_of) for r in rows_of[k]]
+    if summary["stopped"]:
+        print(f"stopped; the results so far are in {a.out}.", file=sys.stderr)
+        return 130
+    if summary["not_run"]:
+        raise ConnectionError(f"{summary['not_run']} run(s) not done: no server left")
     failed = summarize(rows)["failed"]
+    total = len(jobs)
     print(f"wrote {os.path.join(a.out, CSV_NAME)} and {os.path.join(a.out, MD_NAME)}"
           + (f"; {failed} of {total} run(s) failed" if failed else ""))
     return 1 if failed else 0
@@ -301,7 +320,8 @@ def main(argv=None) -> int:
                    "title markers and an IDFusionFaceEvaluate node (default: %(default)s)")
     p.add_argument("--out", required=True, help="results folder: face_benchmark.csv, face_benchmark.md, images/")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--url", default="http://127.0.0.1:8188", help="a running ComfyUI server (default: %(default)s)")
+    where.add_argument("--url", action="append", help=f"a running ComfyUI server (default: {DEFAULT_URL}); repeat it to "
+                       "spread the runs over several servers")
     where.add_argument("--base", help="start a ComfyUI server of its own with this base directory (models/, input/, "
                        "output/ and custom_nodes/ live there; see scripts/comfy_server.py)")
     p.add_argument("--comfyui", default=None, help="with --base: ComfyUI directory (default: $COMFYUI_PATH or .hosts/0.3.75/ComfyUI)")

@@ -122,3 +122,90 @@ def sampler_transformer_options(model_patcher, cond_or_uncond):
     comfy.patcher_extension.merge_nested_dicts(to["wrappers"], model_patcher.wrappers, copy_dict1=False)
     to["cond_or_uncond"] = list(cond_or_uncond)
     return to
+
+
+# ---- small UNets: the same block layout as the family (layer keys, transformers per block, ADM), narrow ----------
+# For tests where the full width is not the point (chaining, masks, cleanup): a forward takes milliseconds and a few
+# MB instead of GBs. ComfyUI's own model config class is used, so the family name is the real one ("SD15", "SDXL").
+SMALL_UNET_CONFIGS = {
+    "SD15": dict(UNET_CONFIGS["SD15"], model_channels=32, context_dim=64, num_heads=4),
+    # SDXL's layout (no attention at the top level, 1280-channel-like middle with several transformers) with 2
+    # transformers per block instead of 2/10, so (block, number) keys hold several layers as in SDXL
+    "SDXL": dict(UNET_CONFIGS["SDXL"], model_channels=32, context_dim=64, num_head_channels=8, adm_in_channels=48,
+                 transformer_depth=[0, 0, 2, 2, 2, 2], transformer_depth_middle=2,
+                 transformer_depth_output=[0, 0, 0, 2, 2, 2, 2, 2, 2]),
+}
+
+
+def build_small_model(family: str = "SD15", seed: int = 0, dtype=torch.float32, real_depth: bool = False):
+    """A ModelPatcher around a narrow random UNet with the family's block layout, built by ComfyUI's own model
+    config class for that family (so model_family() reads it as that family), on the CPU. real_depth=True keeps
+    the family's own transformers per block (SDXL: 70 attn2 layers), still narrow."""
+    import comfy.model_patcher
+    import comfy.supported_models
+    cfg = dict(SMALL_UNET_CONFIGS[family], dtype=dtype)
+    if real_depth:
+        for key in ("transformer_depth", "transformer_depth_middle", "transformer_depth_output"):
+            cfg[key] = UNET_CONFIGS[family][key]
+    model_config = getattr(comfy.supported_models, family)(cfg)
+    model_config.set_inference_dtype(dtype, None)
+    model = model_config.get_model({}, device="cpu")
+    model.diffusion_model.to(dtype)
+    randomize_(model.diffusion_model, seed)
+    model.eval()
+    dev = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=dev, offload_device=dev)
+
+
+# ---- files ComfyUI's own loaders read: a ControlNet (ControlNetLoader) and a LoRA (LoraLoader) for SD1.5 -----------
+def write_controlnet(path: str, seed: int = 0, zero_conv_scale: float = 0.1, dtype=torch.float16):
+    """A random-weight SD1.5 ControlNet built from ComfyUI's own comfy.cldm.cldm.ControlNet with the UNet config
+    ComfyUI detects for SD1.5, saved in the original ControlNet layout ("control_model." keys) that
+    comfy.controlnet.load_controlnet detects. Its zero convolutions are random but small (zero_conv_scale), so the
+    control changes the image without swamping it. Written atomically."""
+    import os
+    import comfy.cldm.cldm
+    import comfy.model_detection
+    import comfy.ops
+    import comfy.utils
+    cfg = dict(comfy.model_detection.model_config_from_unet_config(unet_config("SD15")).unet_config)
+    cfg.pop("out_channels")
+    cfg.update(hint_channels=3, operations=comfy.ops.disable_weight_init, device="cpu", dtype=torch.float32)
+    net = randomize_(comfy.cldm.cldm.ControlNet(**cfg), seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.startswith(("zero_convs", "middle_block_out")):
+                p.mul_(zero_conv_scale)
+    sd = {f"control_model.{k}": v.to(dtype).contiguous() for k, v in net.state_dict().items()}
+    tmp = f"{path}.{os.getpid()}.tmp"
+    comfy.utils.save_torch_file(sd, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def write_lora(path: str, seed: int = 0, rank: int = 4, targets=("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn2.to_q")):
+    """A random LoRA for SD1.5's UNet in the kohya layout ComfyUI's LoraLoader reads (lora_unet_<key>.lora_up /
+    .lora_down / .alpha), keys taken from ComfyUI's own comfy.lora.model_lora_keys_unet on the SD1.5 module tree
+    (meta device, no weights). Written atomically."""
+    import os
+    import comfy.lora
+    import comfy.utils
+    model = build_model("SD15", device="meta").model
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    sd, done = {}, set()
+    for lora_key, model_key in comfy.lora.model_lora_keys_unet(model, {}).items():
+        if not isinstance(model_key, str) or not lora_key.startswith("lora_unet_") or model_key in done or not model_key.endswith(
+                tuple(f"{t}.weight" for t in targets)):
+            continue  # the key map also lists diffusers-style names for the same weights: one entry per weight
+        done.add(model_key)
+        out_f, in_f = shapes[model_key]
+        sd[f"{lora_key}.lora_down.weight"] = (torch.randn(rank, in_f, generator=g) / in_f ** 0.5).half()
+        sd[f"{lora_key}.lora_up.weight"] = (torch.randn(out_f, rank, generator=g) / rank ** 0.5).half()
+        sd[f"{lora_key}.alpha"] = torch.tensor(float(rank)).half()
+    if not sd:
+        raise RuntimeError("no LoRA targets found in the SD1.5 UNet: ComfyUI's key map changed")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    comfy.utils.save_torch_file(sd, tmp)
+    os.replace(tmp, path)
+    return path

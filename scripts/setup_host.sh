@@ -16,6 +16,16 @@ host="$root/.hosts/$version"
 done_marker="$host/.ready"   # holds a hash of the pack's requirement files it was built with
 python="${PYTHON:-python3}"
 req_hash="$(cat "$root/requirements.txt" "$root/requirements-test.txt" | sha256sum | cut -c1-16)"
+# The browser tests (tests/test_browser*.py) drive Debian's chromium through Playwright (requirements-test.txt);
+# Playwright's own browser download is never used. Installed once per machine, as root (CI runs as root).
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] chromium for the browser tests (apt)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver
+  else
+    echo "[setup] warning: no chromium on PATH; the browser tests need it: apt-get install chromium (as root)" >&2
+  fi
+fi
 if [ -f "$done_marker" ]; then
   if [ "$(cat "$done_marker")" != "$req_hash" ]; then
     echo "[setup] the pack's requirements changed: updating $host/venv"

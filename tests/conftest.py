@@ -30,17 +30,31 @@ def pytest_report_header(config):
     return f"ComfyUI host: {comfyui_version.__version__} at {COMFYUI}"
 
 
-@pytest.fixture(scope="session")
+# Models are module-scoped: one full-width SD1.5 UNet is 3.4 GB in fp32, and a session-scoped one stayed alive while
+# later modules built more (the suite's largest process reached ~10 GB). Each module that needs one builds it.
+@pytest.fixture(scope="module")
 def sd15():
     import random_models
-    return random_models.build_model("SD15", seed=1)
+    model = random_models.build_model("SD15", seed=1)
+    yield model
+    _free(model)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def sdxl():
     import torch
     import random_models
-    return random_models.build_model("SDXL", dtype=torch.bfloat16, seed=2)
+    model = random_models.build_model("SDXL", dtype=torch.bfloat16, seed=2)
+    yield model
+    _free(model)
+
+
+def _free(model):
+    """Drop a module's model now rather than at the end of the session (ComfyUI's loaded-model list and gc)."""
+    import gc
+    import comfy.model_management as mm
+    mm.current_loaded_models[:] = [m for m in mm.current_loaded_models if m.model is not model]
+    gc.collect()  # the caller's reference goes right after teardown; cycles in it go at the next collection
 
 
 @pytest.fixture(scope="session")
@@ -50,14 +64,77 @@ def sdxl_structure():
     return random_models.build_model("SDXL", device="meta")
 
 
-@pytest.fixture(scope="session")
-def random_checkpoint(tmp_path_factory):
-    """A random-weight SD1.5-shaped checkpoint file (~2 GB, UNet + CLIP-L + VAE), written once per session."""
+def small_unet(seed=0, channels=32, inference=False):
+    """An SD1.5-layout UNet (16 attn2 layers, CLIP-L's 768-wide context, ComfyUI's SD15 config class), narrow: for
+    training tests where the full width is not the point. inference=True builds it under torch.inference_mode(),
+    as ComfyUI's loader nodes do inside a server, so its weights are inference tensors."""
+    import contextlib
+    import comfy.model_patcher
+    import comfy.supported_models
+    import torch
     import random_models
-    path = tmp_path_factory.mktemp("checkpoint") / "random_sd15.safetensors"
-    random_models.write_checkpoint(str(path), seed=0)
-    yield path
-    path.unlink(missing_ok=True)  # pytest keeps the last few tmp dirs; don't keep 2 GB in them
+    cfg = dict(random_models.unet_config("SD15"), model_channels=channels)
+    config = comfy.supported_models.SD15(cfg)
+    config.set_inference_dtype(torch.float32, None)
+    with torch.inference_mode() if inference else contextlib.nullcontext():
+        model = config.get_model({}, device="cpu")
+        random_models.randomize_(model.diffusion_model, seed)
+    model.eval()
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+# ---- the random SD1.5 checkpoint file, shared by every session and both hosts -----------------------------
+def write_random_checkpoint(path: str, seed: int = 0):
+    """The same file as random_models.write_checkpoint (same configs, seeds and fp16 values), built one part at a
+    time and halved in place, so the peak is one fp32 UNet (~4 GB) instead of ~7 GB. Atomic."""
+    import torch
+    import comfy.model_detection
+    import comfy.sd1_clip
+    import comfy.utils
+    import random_models as rm
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    model = comfy.model_detection.model_config_from_unet_config(rm.unet_config("SD15", torch.float32)).get_model({}, device="cpu")
+    rm.randomize_(model.diffusion_model, seed)
+    model.half()
+    clip = rm._tame_clip(rm.randomize_(comfy.sd1_clip.SD1ClipModel(device="cpu", dtype=torch.float32), seed + 1)).half()
+    ae = rm.randomize_(AutoencoderKL(ddconfig=rm.VAE_DDCONFIG, embed_dim=4), seed + 2).half()
+    sd = {k: v.contiguous() for k, v in model.state_dict_for_saving(clip.state_dict(), ae.state_dict(), None).items()}
+    tmp = f"{path}.{os.getpid()}.tmp"
+    comfy.utils.save_torch_file(sd, tmp)
+    os.replace(tmp, path)
+
+
+def _checkpoint_cache_path() -> str:
+    """Keyed by everything that decides the file's bytes, so an edit to the builders makes a new one."""
+    import hashlib
+    import inspect
+    import json
+    import random_models as rm
+    key = json.dumps([rm.UNET_CONFIGS["SD15"], rm.VAE_DDCONFIG], sort_keys=True) + inspect.getsource(rm.randomize_) \
+        + inspect.getsource(rm._tame_clip) + inspect.getsource(write_random_checkpoint)
+    folder = os.environ.get("IDFUSION_TEST_CACHE") or os.path.join(ROOT, ".hosts", ".cache")
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, f"random_sd15_{hashlib.sha256(key.encode()).hexdigest()[:12]}.safetensors")
+
+
+@pytest.fixture(scope="session")
+def random_checkpoint():
+    """A random-weight SD1.5-shaped checkpoint file (~2 GB fp16, UNet + CLIP-L + VAE). Written once into
+    .hosts/.cache (or $IDFUSION_TEST_CACHE) and reused by later sessions and the other host; built in a child
+    process so its memory never adds to this one's. A lock keeps two concurrent sessions from building it twice."""
+    import fcntl
+    import pathlib
+    import subprocess
+    path = _checkpoint_cache_path()
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.isfile(path):
+            code = ("import sys; sys.path[:0] = [{t!r}, {s!r}]; import conftest; conftest.write_random_checkpoint({p!r})"
+                    .format(t=os.path.join(ROOT, "tests"), s=os.path.join(ROOT, "scripts"), p=path))
+            subprocess.run([sys.executable, "-c", code], check=True, timeout=1800,
+                           env={**os.environ, "COMFYUI_PATH": COMFYUI})
+    return pathlib.Path(path)
 
 
 @pytest.fixture

@@ -84,7 +84,8 @@ def test_encoder_records_h_f_per_layer_and_reference(sd15):
     import random_models
     vae = random_models.build_vae(seed=3)
     images = torch.rand(3, 64, 48, 3)
-    identity, = node("IDFusionEncodeReference")(sd15, vae, images, 0, "ann")
+    out = node("IDFusionEncodeReference")(sd15, vae, images, 0, "ann")
+    identity, = out["result"]
     assert identity.references == 3 and len(identity.layers) == 16
     # 64x48 image -> 8x6 latent -> 48 tokens at the first level, 4x3 then 2x2, 1x1 in the middle
     tokens = {l.key: identity.h_f[0][l.name].shape for l in identity.layers}
@@ -96,9 +97,48 @@ def test_encoder_records_h_f_per_layer_and_reference(sd15):
     assert merged.references == 6
 
 
+def test_reference_thumbnails_are_shown_saved_loaded_and_merged(sd15, idfusion_dir, tmp_path, monkeypatch):
+    """Encode and Load return PreviewImage-style temp PNGs of each reference (longest side 64 px); the identity file
+    keeps them as uint8 ref<r>.thumbnail; Merge keeps both sets; a file written without them still loads."""
+    import folder_paths
+    import numpy as np
+    from PIL import Image
+    import random_models
+    monkeypatch.setattr(folder_paths, "get_temp_directory", lambda: str(tmp_path / "temp"))
+    images = torch.zeros(2, 96, 160, 3)
+    images[0, :, :80, 0] = 1.0   # left half red
+    images[1, :48, :, 2] = 1.0   # top half blue
+    with torch.inference_mode():
+        out = node("IDFusionEncodeReference")(sd15, random_models.build_vae(seed=3), images, 0, "two refs")
+    identity, = out["result"]
+    assert [t.shape for t in identity.thumbnails] == [(38, 64, 3), (38, 64, 3)]
+    assert all(t.dtype == torch.uint8 for t in identity.thumbnails)
+    shown = out["ui"]["images"]
+    assert len(shown) == 2 and all(i["type"] == "temp" and i["subfolder"] == "" for i in shown)
+    with Image.open(tmp_path / "temp" / shown[0]["filename"]) as im:
+        px = np.asarray(im.convert("RGB"))
+    assert px.shape == (38, 64, 3) and px[:, :30, 0].min() > 200 and px[:, 34:, 0].max() < 30
+    path = node("IDFusionSaveIdentity")(identity, "thumbs")["ui"]["text"][0]
+    loaded = node("IDFusionLoadIdentity")("identities/" + os.path.basename(path))
+    assert torch.equal(loaded["result"][0].thumbnails[1], identity.thumbnails[1])
+    assert len(loaded["ui"]["images"]) == 2
+    old = random_identity(sd15, refs=1)  # no thumbnails, like files written before they existed
+    merged, = node("IDFusionMergeIdentities")(identity, old)
+    assert merged.references == 3 and merged.thumbnail(1) is identity.thumbnails[1] and merged.thumbnail(2) is None
+    both, = node("IDFusionMergeIdentities")(identity, identity)
+    assert len(both.thumbnails) == 4
+
+
+def test_identity_name_is_checked(sd15):
+    import random_models
+    for bad in ("ann\n", "../x", "a" * 101, ""):
+        with pytest.raises(ValueError, match="name"):
+            node("IDFusionEncodeReference")(sd15, random_models.build_vae(seed=3), torch.rand(1, 64, 64, 3), 0, bad)
+
+
 def test_multi_identity_node_checks_masks(sd15, setup):
     adapter, identity, plain = setup
-    multi = node("IDFusionApplyMultiIdentity")
+    multi = NODES["IDFusionApplyMultiIdentity"]().apply  # the node itself returns {"ui": region preview, "result": ...}
     masks = torch.zeros(2, 64, 64)
     masks[0, :, :32] = 1
     masks[1, :, 32:] = 1
@@ -142,10 +182,10 @@ def test_identity_save_load_roundtrip_stays_in_models_folder(sd15, idfusion_dir)
     assert os.path.dirname(path) == str(idfusion_dir / "identities")
     names = NODES["IDFusionLoadIdentity"].INPUT_TYPES()["required"]["identity_name"][0]
     assert names == ["identities/ann_00001.safetensors"]
-    loaded, = node("IDFusionLoadIdentity")(names[0])
+    loaded, = node("IDFusionLoadIdentity")(names[0])["result"]
     assert loaded.references == 2
     assert torch.equal(loaded.h_f[1][loaded.layers[3].name], identity.h_f[1][identity.layers[3].name])
-    for bad in ("../escape", "a/b", "/abs"):
+    for bad in ("../escape", "a/b", "/abs", "ok\n", "a.b", "x" * 101, "\x1b[31m"):
         with pytest.raises(ValueError, match="filename_prefix"):
             node("IDFusionSaveIdentity")(identity, bad)
 

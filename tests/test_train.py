@@ -1,5 +1,6 @@
 """Training core: dataset handling, only the adapter trains, atomic checkpoints and exact resume, the node's
-output folder. Full-width SD1.5 UNet with random weights, 64 px images (8x8 latents), a few steps."""
+output folder, and the node under torch.inference_mode() as ComfyUI runs it. A narrow SD1.5-layout UNet with random
+weights (16 attn2 layers; full width is not the point here), 64 px images (8x8 latents), a few steps."""
 import os
 
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import small_unet
 from helpers import make_face_dataset
 
 import idfusion_pack
@@ -24,6 +26,12 @@ def dataset_dir(tmp_path_factory):
 def parts():
     import random_models
     return random_models.build_clip(seed=4), random_models.build_vae(seed=5)
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    """Overrides conftest's full-width sd15 in this module: same layout, 32 base channels."""
+    return small_unet(seed=1)
 
 
 def test_dataset_skips_unreadable_files_and_pairs_references(dataset_dir):
@@ -97,9 +105,51 @@ def test_training_node_writes_only_inside_models_idfusion(sd15, parts, dataset_d
     assert curve.shape[0] == 1 and curve.shape[-1] == 3
     assert sorted(os.listdir(idfusion_dir)) == ["mine.safetensors", "training"]
     assert IDFusionAdapter.load(str(idfusion_dir / "mine.safetensors")).encoding["mode"] == "per_step"
-    for bad in ("../x", "a/b", "x y"):
+    for bad in ("../x", "a/b", "x y", "ok\n", "a.b", "", "x" * 101, "tab\there"):
         with pytest.raises(ValueError, match="adapter_name"):
             node.train(**{**args, "adapter_name": bad})
+    for bad in ("..", "../faces", "faces\n", "a/b"):
+        with pytest.raises(ValueError, match="dataset"):
+            node.train(**{**args, "dataset": bad})
+    assert sorted(os.listdir(idfusion_dir)) == ["mine.safetensors", "training"]
+
+
+def _node_args(model, parts, **kw):
+    return {**dict(model=model, clip=parts[0], vae=parts[1], dataset="faces", adapter_name="inf", steps=2, batch_size=1,
+                learning_rate=1e-3, resolution=64, save_every=1, seed=0, init="random", reference="other image",
+                reference_dropout=0.0, face_loss_weight=0.0, cgdr_weight=0.0, class_prompt="a photo of a person",
+                encoding="cached", resume=True), **kw}
+
+
+def test_training_node_trains_under_inference_mode_like_comfyui(parts, dataset_dir, idfusion_dir, tmp_path, monkeypatch):
+    """ComfyUI runs every node under torch.inference_mode() and loads models there too, so the model's weights, the
+    CLIP and VAE are inference tensors. The node must still train (it failed at step 0 with 'element 0 of tensors
+    does not require grad'), resume (optimizer state read back), and hand the page its events and loss history."""
+    import folder_paths
+    import shutil
+    inp = tmp_path / "input"
+    shutil.copytree(dataset_dir, inp / "idfusion_datasets" / "faces")
+    monkeypatch.setattr(folder_paths, "get_input_directory", lambda: str(inp))
+    model = small_unet(seed=3, inference=True)
+    probe = next(model.model.diffusion_model.parameters())
+    assert probe.is_inference()
+    node = idfusion_pack.NODE_CLASS_MAPPINGS["IDFusionTrainAdapter"]()
+    assert node.INPUT_TYPES()["hidden"] == {"unique_id": "UNIQUE_ID"}
+    with torch.inference_mode():
+        first = node.train(**_node_args(model, parts, unique_id="17"))
+    hist = first["ui"]["idfusion_loss"]
+    assert [s for s, _ in hist] == [1, 2] and all(np.isfinite(l) for _, l in hist)
+    adapter = first["result"][0]
+    assert not any(p.requires_grad for p in adapter.parameters())
+    fresh = IDFusionAdapter.fresh(model, init="random", seed=0)
+    assert any(not torch.equal(a, b) for a, b in zip(fresh.state_tensors().values(), adapter.state_tensors().values())), \
+        "the adapter did not change: nothing was trained"
+    with torch.inference_mode():  # resume to 4 steps: the history keeps the first two
+        second = node.train(**_node_args(model, parts, steps=4, unique_id="17"))
+    hist2 = second["ui"]["idfusion_loss"]
+    assert [s for s, _ in hist2] == [1, 2, 3, 4] and hist2[:2] == hist
+    # the frozen UNet is not trained and still gives the same output under inference mode
+    assert not any(p.requires_grad for p in model.model.diffusion_model.parameters())
 
 
 def test_gradient_checkpointing_same_step_fewer_saved_activations(sd15, parts, dataset_dir, tmp_path):

@@ -25,10 +25,10 @@ IDENTITY_ATTRS = {
     "hair": {"black": (24, 24, 28), "blond": (236, 204, 84), "red": (196, 58, 28), "white": (232, 232, 236)},
     "eyes": {"blue": (40, 96, 236), "green": (30, 176, 60), "dark": (40, 20, 12)},
     "shape": {"round": (0.34, 0.34), "long": (0.26, 0.40)},      # face semi-axes, fraction of the picture
-    "spacing": {"close": 0.09, "wide": 0.16},                     # eye offset from the face centre line
+    "spacing": {"close": 0.085, "wide": 0.165},                   # eye offset from the face centre line
 }
 EXPRESSIONS = ["smiling", "neutral", "crying", "surprised"]
-POSES = {"facing left": -0.07, "facing front": 0.0, "facing right": 0.07}   # features shift with the head turn
+POSES = {"facing left": -0.06, "facing front": 0.0, "facing right": 0.06}   # features shift with the head turn
 BACKGROUNDS = {"purple": (112, 56, 160), "teal": (36, 136, 136), "orange": (236, 136, 36), "grey": (128, 128, 128)}
 SCENE_ATTRS = {"expression": EXPRESSIONS, "pose": list(POSES), "background": list(BACKGROUNDS)}
 ALL_ATTRS = {**{k: list(v) for k, v in IDENTITY_ATTRS.items()}, **SCENE_ATTRS}
@@ -74,11 +74,12 @@ def draw_face(d: ImageDraw.ImageDraw, ident: dict, scene: dict, x0: float, S: fl
     d.ellipse([cx - ax - 0.05 * S, cy - ay - 0.09 * S, cx + ax + 0.05 * S, cy + ay * 0.35], fill=hair)
     d.ellipse([cx - ax, cy - ay, cx + ax, cy + ay], fill=IDENTITY_ATTRS["skin"][ident["skin"]])
     d.chord([cx - ax, cy - ay - 0.02 * S, cx + ax, cy - ay * 0.25], 180, 360, fill=hair)   # fringe
-    ex, ey, r = IDENTITY_ATTRS["spacing"][ident["spacing"]] * S, cy - 0.04 * S, 0.045 * S
+    # eyes ~4 px across at 32 px, so eye colour and spacing survive the model's resolution
+    ex, ey, r = IDENTITY_ATTRS["spacing"][ident["spacing"]] * S, cy - 0.04 * S, 0.062 * S
     eye = IDENTITY_ATTRS["eyes"][ident["eyes"]]
     for sx in (-1, 1):
         x = cx + turn + sx * ex
-        d.ellipse([x - r * 1.4, ey - r, x + r * 1.4, ey + r], fill=(250, 250, 250))
+        d.ellipse([x - r * 1.3, ey - r, x + r * 1.3, ey + r], fill=(250, 250, 250))
         d.ellipse([x - r, ey - r, x + r, ey + r], fill=eye)
         if scene["expression"] == "crying":
             d.rectangle([x - r * 0.6, ey + r, x + r * 0.6, ey + r + 0.16 * S], fill=(120, 190, 255))
@@ -122,119 +123,59 @@ def render(idents: list[dict], scene: dict, rng=None, occlude: bool = False) -> 
             np.asarray(mask.resize(size, Image.BOX), dtype=np.float32) / 255.0)
 
 
-# ---- the tiny base model ----------------------------------------------------------------------
-FACTOR = 4         # the codec folds 4x4 pixel patches into channels: a 32 px face is an 8x8x48 latent
+# ---- the base model's pieces (the model itself lives in the pack: idfusion/synthetic.py) ------------------
+FACTOR = 4         # the UNet works on 4x4 space-to-depth patches of the 32 px drawing: an 8x8x48 latent
+POOL = 8 // FACTOR  # and ComfyUI sees pictures of 32*POOL px (its latents are width/8)
+PICTURE = SIZE * POOL
 
 
-def unet_config(channels: int = 64, channel_mult=(1, 2), context_dim: int = 64) -> dict:
-    """ComfyUI's UNetModel on the 8x8 latent: one level per channel_mult entry, a cross-attention layer after
-    every ResBlock and in the middle."""
-    levels = len(channel_mult)
-    return {"use_checkpoint": False, "image_size": SIZE // FACTOR, "in_channels": 3 * FACTOR ** 2,
-            "out_channels": 3 * FACTOR ** 2, "model_channels": channels, "num_res_blocks": [1] * levels,
-            "channel_mult": list(channel_mult), "transformer_depth": [1] * levels,
-            "transformer_depth_output": [1] * (2 * levels), "transformer_depth_middle": 1,
-            "context_dim": context_dim, "num_head_channels": 32, "num_heads": -1,
-            "use_spatial_transformer": True, "use_linear_in_transformer": True, "legacy": False,
-            "adm_in_channels": None, "use_temporal_attention": False, "use_temporal_resblock": False,
-            "dtype": torch.float32}
+def upscale(images: np.ndarray) -> np.ndarray:
+    """(..., H, W, 3) drawings at the model's 32 px -> the pictures a user sees (each pixel POOL x POOL)."""
+    return images.repeat(POOL, -3).repeat(POOL, -2)
 
 
-def model_config(unet: dict):
-    import comfy.latent_formats
-    import comfy.supported_models_base
-
-    class PixelSpace(comfy.latent_formats.LatentFormat):
-        """Pixels in [-1, 1], folded by PixelCodec: no learned VAE, the codec is exactly invertible."""
-        latent_channels = unet["in_channels"]
-
-        def __init__(self):
-            self.scale_factor = 1.0
-
-    class SyntheticFaces(comfy.supported_models_base.BASE):
-        unet_config = {}
-        unet_extra_config = {}      # BASE's default would override num_head_channels
-        latent_format = PixelSpace
-        memory_usage_factor = 1.0
-
-        def inpaint_model(self):   # BASE reads "more than 4 input channels" as an inpainting UNet
-            return False
-
-        def model_type(self, state_dict, prefix=""):
-            # v prediction: with eps, a small eps error at high sigma is a large x0 error (x0 = x - sigma*eps),
-            # and a briefly trained model drifts off while sampling
-            import comfy.model_base
-            return comfy.model_base.ModelType.V_PREDICTION
-
-    cfg = SyntheticFaces(dict(unet))
-    cfg.set_inference_dtype(torch.float32, None)
-    return cfg
+def to_latent(x: torch.Tensor) -> torch.Tensor:
+    """Drawings (B, 3, H, W) in [-1, 1] at 32 px -> latents; equal to the codec's encode of upscale(x)."""
+    return torch.nn.functional.pixel_unshuffle(x, FACTOR)
 
 
-def build_base(unet: dict, seed: int = 0):
-    """A ComfyUI BaseModel (v prediction, SD's discrete schedule) around a freshly initialised UNet."""
-    import comfy.model_patcher
-    from random_models import randomize_  # scripts/ is on sys.path (run.py)
-    model = model_config(unet).get_model({}, device="cpu")
-    randomize_(model.diffusion_model, seed)
-    with torch.no_grad():   # a zero output conv: the untrained model predicts no noise, a stable start
-        for p in model.diffusion_model.out[-1].parameters():
-            p.zero_()
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+def from_latent(latent: torch.Tensor) -> torch.Tensor:
+    """Latents -> drawings (B, 3, H, W) in [-1, 1] at 32 px (what the classifier reads)."""
+    return torch.nn.functional.pixel_shuffle(latent.float(), FACTOR).clamp(-1, 1)
 
 
-class PixelCodec:
-    """The VAE slot: IMAGE (B, H, W, 3) in [0, 1] <-> latent (B, 3*F*F, H/F, W/F), pixels in [-1, 1] folded by
-    space-to-depth. Exactly invertible, and F*F times fewer positions for the UNet to work on (a CPU budget)."""
-
-    def encode(self, pixels):
-        return torch.nn.functional.pixel_unshuffle(pixels[..., :3].movedim(-1, 1).float() * 2.0 - 1.0, FACTOR)
-
-    def decode(self, latent):
-        x = torch.nn.functional.pixel_shuffle(latent.float(), FACTOR)
-        return ((x + 1.0) / 2.0).clamp(0, 1).movedim(1, -1)
-
-
-class WordEncoder(nn.Module):
-    """The domain's text encoder: a learned embedding per caption word plus a learned position. Trained with the
-    base model, then frozen. tokenize / encode_from_tokens follow ComfyUI's CLIP object, so the trainer and the
-    sampler use it as they use CLIP."""
-
-    def __init__(self, dim: int = 64, length: int = 16):
-        super().__init__()
-        words = sorted({w for text in vocabulary_captions() for w in self.words(text)})
-        self.vocab = {w: i + 1 for i, w in enumerate(words)}   # 0 pads
-        self.length = length
-        self.emb = nn.Embedding(len(words) + 1, dim)
-        self.pos = nn.Parameter(torch.randn(length, dim) * 0.1)
-
-    @staticmethod
-    def words(text: str) -> list[str]:
-        return re.findall(r"[a-z]+", text.lower())
-
-    def tokenize(self, text: str) -> torch.Tensor:
-        unknown = [w for w in self.words(text) if w not in self.vocab]
-        if unknown:
-            raise ValueError(f"caption '{text}' has words outside the synthetic vocabulary: {unknown}")
-        ids = [self.vocab[w] for w in self.words(text)][: self.length]
-        return torch.tensor([ids + [0] * (self.length - len(ids))])
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.emb(tokens) + self.pos
-
-    def encode_from_tokens(self, tokens, return_pooled=False):
-        with torch.no_grad():
-            cond = self(tokens)
-        return (cond, None) if return_pooled else cond
-
-    def encode(self, texts: list[str]) -> torch.Tensor:
-        return torch.cat([self.encode_from_tokens(self.tokenize(t)) for t in texts])
+def all_scenes() -> list[dict]:
+    return [dict(zip(SCENE_ATTRS, c)) for c in itertools.product(*SCENE_ATTRS.values())]
 
 
 def vocabulary_captions():
-    scenes = [dict(zip(SCENE_ATTRS, c)) for c in itertools.product(*SCENE_ATTRS.values())]
+    scenes = all_scenes()
     return [caption(s) for s in scenes] + [caption(s, two=True) for s in scenes] + ["a photo of a person"]
+
+
+def vocabulary() -> list[str]:
+    return sorted({w for text in vocabulary_captions() for w in re.findall(r"[a-z]+", text)})
+
+
+def held_out_scene(scene: dict) -> bool:
+    """12 of the 48 scenes (every expression, pose and background appears) never captioned in adapter training:
+    the evaluation's captions come only from these."""
+    e, p, b = (SCENE_ATTRS[k].index(scene[k]) for k in ("expression", "pose", "background"))
+    return (e + p + b) % 4 == 0
+
+
+def random_scene_from(rng, held_out: bool, **fixed) -> dict:
+    """A random scene that is (or is not) held out, with some attributes fixed or excluded (values: a value, or
+    ('not', value))."""
+    def ok(sc):
+        for k, v in fixed.items():
+            if isinstance(v, tuple) and sc[k] == v[1] or not isinstance(v, tuple) and sc[k] != v:
+                return False
+        return held_out_scene(sc) == held_out
+    choices = [sc for sc in all_scenes() if ok(sc)]
+    if not choices:
+        raise ValueError(f"no {'held-out' if held_out else 'training'} scene with {fixed}")
+    return dict(choices[rng.integers(len(choices))])
 
 
 # ---- the attribute classifier -------------------------------------------------------------------
