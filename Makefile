@@ -39,7 +39,7 @@ test-old:
 bench: setup
 	COMFYUI_PATH=$(call comfy,$(HOST)) $(call py,$(HOST)) benchmarks/bench_unet.py
 
-# rebuild the shipped model (models/) and its report (docs/synthetic/) from scratch: about 45 min on 2 cores
+# rebuild the shipped model (models/) and its report (docs/synthetic/) from scratch: about 30 min on 2 cores (31 min measured, docs/synthetic_identity.md)
 synthetic: setup
 	COMFYUI_PATH=$(call comfy,$(HOST)) $(call py,$(HOST)) benchmarks/synthetic/run.py --scale cpu
 

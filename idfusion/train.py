@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fusion
-from .adapter import IDFusionAdapter, read_safetensors, save_safetensors_atomic
+from .adapter import AdapterError, IDFusionAdapter, read_safetensors, save_safetensors_atomic
 from .identity import reference_sigma, run_reference_pass, text_condition
 
 log = logging.getLogger("IDFusion")
@@ -229,6 +229,17 @@ class Trainer:
     def resume(self) -> bool:
         if not os.path.isfile(self.state_path):
             return False
+        try:
+            self._load_state()
+        except AdapterError:
+            raise
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
+            raise AdapterError(f"The training state '{os.path.basename(self.state_path)}' is damaged or from another run "
+                               f"({type(e).__name__}: {e}). Delete it, or set resume to false, to start over.") from None
+        log.info("IDFusion training: resumed '%s' at step %d", self.name, self.step)
+        return True
+
+    def _load_state(self):
         tensors, meta = read_safetensors(self.state_path, STATE_FORMAT, "training state")
         with torch.no_grad():
             for k, v in self.adapter.state_tensors().items():
@@ -242,8 +253,6 @@ class Trainer:
         self.sched.load_state_dict(json.loads(meta["scheduler"]))
         torch.set_rng_state(tensors["rng.torch"])
         self.step, self.losses = int(meta["step"]), json.loads(meta["losses"])
-        log.info("IDFusion training: resumed '%s' at step %d", self.name, self.step)
-        return True
 
     # ---- data ----------------------------------------------------------------------------------
     def _index(self, step: int, row: int) -> int:

@@ -1,7 +1,7 @@
 // Encode Reference Face / Load Identity: the server returns the identity's reference thumbnails as ui images
 // (the stock frontend draws them on the node); this adds a caption saying whose references they are.
 import { app } from "../../scripts/app.js";
-import { addPanel, chain, panelElement, widget } from "./idfusion_common.js";
+import { addPanel, chain, fitOnDraw, growToFit, panelElement, widget } from "./idfusion_common.js";
 
 const NODES = { IDFusionEncodeReference: "name", IDFusionLoadIdentity: "identity_name" };
 
@@ -25,8 +25,10 @@ app.registerExtension({
       addPanel(this, "idfusion_identity_caption", this.__idfusionCaption, 34);  // one line + the widget margin
       caption(this, null);
     });
+    fitOnDraw(nodeType);
     chain(nodeType.prototype, "onExecuted", function (output) {
       caption(this, output);
+      growToFit(this);
     });
   },
 });

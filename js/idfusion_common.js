@@ -55,3 +55,23 @@ export function fmt(x, digits = 4) {
   if (typeof x === "string" && !Number.isFinite(v)) return x; // "inf" travels as a string (see eval_nodes.ui_scores)
   return Number.isFinite(v) ? v.toFixed(digits) : String(x);
 }
+
+// Grow a node (never shrink it) to what its widgets need once the stock image preview (added when the node is
+// next drawn with its new images) is there; otherwise the frontend squeezes the panel to make room for the image.
+// Call it from onExecuted; it hooks the node's draw once per node type via fitOnDraw().
+export function growToFit(node) {
+  node.__idfusionFit = true;
+  node.setDirtyCanvas?.(true, true);
+}
+
+export function fitOnDraw(nodeType) {
+  chain(nodeType.prototype, "onDrawForeground", function () {
+    if (!this.__idfusionFit || !this.widgets?.some((w) => w.name === "$$canvas-image-preview")) return;
+    this.__idfusionFit = false;
+    const [w, h] = this.computeSize();
+    if (w > this.size[0] || h > this.size[1]) {
+      this.setSize([Math.max(this.size[0], w), Math.max(this.size[1], h)]);
+      this.setDirtyCanvas?.(true, true);
+    }
+  });
+}

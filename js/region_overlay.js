@@ -2,7 +2,7 @@
 // as ui images (drawn on the node by the stock frontend); this adds the legend, colour -> identity, from the
 // node's ui output idfusion_regions ([{label, color}, ...]) when the server sends it.
 import { app } from "../../scripts/app.js";
-import { addPanel, chain, panelElement } from "./idfusion_common.js";
+import { addPanel, chain, fitOnDraw, growToFit, panelElement } from "./idfusion_common.js";
 
 const NODES = new Set(["IDFusionApplyMultiIdentity", "IDFusionFaceMasks"]);
 
@@ -42,8 +42,10 @@ app.registerExtension({
       addPanel(this, "idfusion_region_legend", this.__idfusionLegend, 34);  // one line + the widget margin
       legend(this, null);
     });
+    fitOnDraw(nodeType);
     chain(nodeType.prototype, "onExecuted", function (output) {
       legend(this, output);
+      growToFit(this);
     });
   },
 });

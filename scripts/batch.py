@@ -793,8 +793,8 @@ class Worker(threading.Thread):
             s.stealing = True
         try:
             running, pending = self.client.queue_state(timeout=5)
-            if s.prompt_id not in pending:
-                return None
+            if s.prompt_id not in pending or not running:
+                return None  # only a job waiting behind another: one about to start would just bounce between servers
             self.client.cancel([s.prompt_id], timeout=5)
             # a prompt is always in exactly one of pending / running / history; in none: the delete took it
             running, pending = self.client.queue_state(timeout=5)

@@ -175,3 +175,13 @@ def test_gradient_checkpointing_same_step_fewer_saved_activations(sd15, parts, d
         torch.testing.assert_close(runs[True][1][k], v, rtol=1e-4, atol=1e-6)
     print(f"bytes saved for backward: {runs[False][2] / 2**20:.1f} MiB without checkpointing, {runs[True][2] / 2**20:.1f} MiB with")
     assert runs[True][2] < 0.25 * runs[False][2], (runs[True][2], runs[False][2])
+
+
+def test_damaged_training_state_is_refused_naming_the_file(sd15, parts, dataset_dir, tmp_path):
+    from safetensors.torch import save_file
+    from idfusion_pack.idfusion.adapter import AdapterError
+    t = _trainer(sd15, parts, FaceDataset(str(dataset_dir), 64), tmp_path, "dmg")
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "dmg.train-state.safetensors"),
+              metadata={"format": "idfusion.train_state", "format_version": "1"})
+    with pytest.raises(AdapterError, match=r"'dmg.train-state.safetensors' is damaged.*Delete it, or set resume to false"):
+        t.resume()
