@@ -13,7 +13,7 @@ function encodingText(e) {
 }
 
 function stepsText(t) {
-  if (!t) return "not recorded (untrained, or trained elsewhere)";
+  if (!t) return "not recorded";
   return t.planned ? `${t.done} of ${t.planned}` : `${t.done}`;
 }
 
@@ -23,7 +23,7 @@ export function describe(info) {
     lines.push(`identity: ${info.identity_name ?? "?"}   references: ${info.references ?? "?"}`);
     lines.push(`encoded: ${encodingText(info.reference_encoding)}`);
   } else {
-    lines.push(`references encoded: ${encodingText(info.reference_encoding)}`);
+    lines.push(`encoded: ${encodingText(info.reference_encoding)}`);
     lines.push(`training steps: ${stepsText(info.training_steps)}`);
   }
   return lines.join("\n");

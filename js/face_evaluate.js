@@ -10,7 +10,7 @@ function render(node, scores) {
   if (!el) return;
   el.replaceChildren();
   if (!scores?.length) {
-    el.textContent = "similarity / distance / face: after a run";
+    el.textContent = "scores: after a run";
     el.style.color = COLORS.dim;
     el.dataset.state = "empty";
     return;

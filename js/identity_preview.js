@@ -22,7 +22,7 @@ app.registerExtension({
     if (!(nodeData.name in NODES)) return;
     chain(nodeType.prototype, "onNodeCreated", function () {
       this.__idfusionCaption = panelElement("idfusion-identity-caption");
-      addPanel(this, "idfusion_identity_caption", this.__idfusionCaption, 34);  // one line + the widget margin
+      addPanel(this, "idfusion_identity_caption", this.__idfusionCaption, 40);  // one line + the widget margin
       caption(this, null);
     });
     fitOnDraw(nodeType);

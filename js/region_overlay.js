@@ -39,7 +39,7 @@ app.registerExtension({
     if (!NODES.has(nodeData.name)) return;
     chain(nodeType.prototype, "onNodeCreated", function () {
       this.__idfusionLegend = panelElement("idfusion-region-legend");
-      addPanel(this, "idfusion_region_legend", this.__idfusionLegend, 34);  // one line + the widget margin
+      addPanel(this, "idfusion_region_legend", this.__idfusionLegend, 40);  // one line + the widget margin
       legend(this, null);
     });
     fitOnDraw(nodeType);

@@ -6,7 +6,7 @@ import torch
 from ..idfusion import fusion
 from ..idfusion.patch import Entry, Fusion, install
 from .common import CATEGORY
-from .previews import region_overlay, save_temp_png
+from .previews import region_legend, region_overlay, save_temp_png
 
 log = logging.getLogger("IDFusion")
 MAX_IDENTITIES = 4
@@ -149,7 +149,10 @@ class IDFusionApplyMultiIdentity:
 
     def apply_with_preview(self, model, adapter, masks, weight, start_at, end_at, uncond, mode, **identities):
         result, regions = self._place(model, adapter, masks, weight, start_at, end_at, uncond, mode, **identities)
-        return {"ui": {"images": [save_temp_png(region_overlay(regions), "IDFusion_regions")]}, "result": result}
+        names = [identities[k].name for k in sorted(identities) if identities[k] is not None]
+        return {"ui": {"images": [save_temp_png(region_overlay(regions), "IDFusion_regions")],
+                       "idfusion_regions": region_legend([f"identity {i + 1}: {n}" for i, n in enumerate(names)])},
+                "result": result}
 
     def _place(self, model, adapter, masks, weight, start_at, end_at, uncond, mode, **identities):
         names = [k for k in sorted(identities) if identities[k] is not None]

@@ -9,7 +9,7 @@ import torch
 
 from ..idfusion import faces as F
 from .common import CATEGORY
-from .previews import save_temp_png
+from .previews import region_legend, save_temp_png
 
 log = logging.getLogger("IDFusion")
 
@@ -168,7 +168,9 @@ class IDFusionFaceMasks:
         """What ComfyUI calls: masks() plus the tinted layout as a temp PNG the frontend shows on the node."""
         masks, preview = self.masks(image, identities, order, margin, feather, face_analysis, user_masks)
         rgb = (preview[0].numpy() * 255.0 + 0.5).astype(np.uint8)
-        return {"ui": {"images": [save_temp_png(rgb, "IDFusion_face_masks")]}, "result": (masks, preview)}
+        return {"ui": {"images": [save_temp_png(rgb, "IDFusion_face_masks")],
+                       "idfusion_regions": region_legend([f"identity {i + 1}" for i in range(masks.shape[0])])},
+                "result": (masks, preview)}
 
     def masks(self, image, identities, order, margin, feather, face_analysis=None, user_masks=None):
         rgb = to_uint8(image[:1])[0]

@@ -48,3 +48,9 @@ def save_temp_png(rgb: np.ndarray, prefix: str) -> dict:
     image.save(path + ".part", format="PNG", compress_level=1)
     os.replace(path + ".part", path)
     return {"filename": name, "subfolder": subfolder, "type": "temp"}
+
+
+def region_legend(labels: list[str]) -> list[dict]:
+    """ui output 'idfusion_regions': [{label, color}] in identity order, the colours region_overlay uses (the
+    frontend's legend reads it; the picture alone already carries the colours)."""
+    return [{"label": label, "color": "#%02x%02x%02x" % PALETTE[i % len(PALETTE)]} for i, label in enumerate(labels)]

@@ -106,15 +106,15 @@ def _send(node, text, event):
     server (tests, scripts) there is no PromptServer.instance: the progress bar is enough."""
     try:
         from server import PromptServer
-    except ImportError:
-        return
-    server = getattr(PromptServer, "instance", None)
-    if server is None:
-        return
-    sid = getattr(server, "client_id", None)  # the client that queued the prompt, like ComfyUI's progress events
-    node = node if node is not None else server.last_node_id
-    server.send_progress_text(text, node, sid)
-    server.send_sync("idfusion.train", {**event, "node": node}, sid)
+        server = getattr(PromptServer, "instance", None)
+        if server is None:
+            return
+        sid = getattr(server, "client_id", None)  # the client that queued the prompt, like ComfyUI's progress events
+        node = node if node is not None else server.last_node_id
+        server.send_progress_text(text, node, sid)
+        server.send_sync("idfusion.train", {**event, "node": node}, sid)
+    except Exception:  # a display message must never stop a training run
+        pass
 
 
 NODE_CLASS_MAPPINGS = {"IDFusionTrainAdapter": IDFusionTrainAdapter}

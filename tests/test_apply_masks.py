@@ -127,6 +127,8 @@ def test_multi_identity_node_shows_each_region_in_its_colour(setup, temp_dir):
     with torch.inference_mode():
         out = fn(model, adapter, m, *OPTS, identity_1=ids[0], identity_2=ids[1], identity_3=ids[2])
     (patched,) = out["result"]
+    assert out["ui"]["idfusion_regions"] == [{"label": f"identity {i + 1}: id{i}", "color": "#%02x%02x%02x" % PALETTE[i]}
+                                             for i in range(3)]
     assert patched is not model and "patches_replace" in patched.model_options["transformer_options"]
     png = read_ui_png(out["ui"], temp_dir).astype(int)
     assert png.shape == (40, 60, 3)
@@ -156,6 +158,7 @@ def test_face_masks_node_shows_its_preview(temp_dir):
     with torch.inference_mode():
         out = getattr(node, node.FUNCTION)(image, 2, "left to right", 0.0, 0, user_masks=user)
     masks, preview = out["result"]
+    assert [r["label"] for r in out["ui"]["idfusion_regions"]] == ["identity 1", "identity 2"]
     assert masks.shape == (2, 64, 96) and preview.shape == (1, 64, 96, 3)
     png = read_ui_png(out["ui"], temp_dir)
     assert np.array_equal(png, (preview[0].numpy() * 255 + 0.5).astype(np.uint8))

@@ -141,7 +141,7 @@ def test_load_adapter_panel_shows_metadata_of_the_picked_file(page, screens):
                            ".element.dataset.state === 'ok'", timeout=15_000)
     p = panel(page, 1, "idfusion-file-info")
     assert "family: SD15" in p["text"] and "layers: 16" in p["text"], p
-    assert "references encoded: cached, timestep 0, text zeros" in p["text"], p
+    assert "encoded: cached, timestep 0, text zeros" in p["text"], p
     assert "training steps: not recorded" in p["text"], p
 
     def pick(name):  # what choosing an entry of the combo does: set the value, call the widget's callback

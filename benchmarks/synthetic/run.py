@@ -291,7 +291,7 @@ def ship_adapter(src, dst, info, figures=None):
     from idfusion_pack.idfusion.adapter import IDFusionAdapter, save_safetensors_atomic
     adapter = IDFusionAdapter.load(src)
     meta = {**adapter.metadata(), "family": "synthetic_faces", "training": json.dumps(info), "seed": str(SEED),
-            "rebuild": "make synthetic"}
+            "training_steps": str(info["steps"]), "rebuild": "make synthetic"}
     if figures:
         meta["figures"] = json.dumps(figures)
     save_safetensors_atomic({k: v.half() for k, v in adapter.state_tensors().items()}, dst, meta)
