@@ -536,11 +536,14 @@ class ComfyServer(ComfyClient):
 
     # ---- outputs -----------------------------------------------------------------------------------
     def output_images(self, entry: dict) -> list[str]:
-        """Absolute paths of the images a finished prompt wrote (SaveImage: output/<subfolder>/<filename>)."""
+        """Absolute paths of the images a finished prompt wrote (SaveImage: output/<subfolder>/<filename>); the
+        previews nodes show in the UI (type "temp": reference thumbnails, region overlays) are not results."""
         paths = []
         for node_id in sorted(entry.get("outputs", {}), key=lambda k: (len(k), k)):
             for img in entry["outputs"][node_id].get("images", []) or []:
-                folder = self.dir(img.get("type") or "output")
+                if (img.get("type") or "output") != "output":
+                    continue
+                folder = self.dir("output")
                 paths.append(os.path.join(folder, img.get("subfolder") or "", img["filename"]))
         return paths
 
