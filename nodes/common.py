@@ -8,11 +8,14 @@ import folder_paths
 
 FOLDER = "idfusion"
 IDENTITY_SUBFOLDER = "identities"
+TRAINING_SUBFOLDER = "training"
 CATEGORY = "IDFusion"
 
 
 def adapter_files() -> list[str]:
-    return [f for f in folder_paths.get_filename_list(FOLDER) if not f.replace("\\", "/").startswith(IDENTITY_SUBFOLDER + "/")]
+    # identities/ holds saved identities and training/ the Train node's resumable state: neither is an adapter
+    return [f for f in folder_paths.get_filename_list(FOLDER)
+            if not f.replace("\\", "/").startswith((IDENTITY_SUBFOLDER + "/", TRAINING_SUBFOLDER + "/"))]
 
 
 def identity_files() -> list[str]:

@@ -238,3 +238,12 @@ def test_new_adapter_inits(sd15):
     r1, = node("IDFusionNewAdapter")(sd15, "random", 1)
     r2, = node("IDFusionNewAdapter")(sd15, "random", 1)
     assert torch.equal(r1.to_k_f["middle_0_0"].weight, r2.to_k_f["middle_0_0"].weight)
+
+
+def test_load_adapter_lists_adapters_only_not_identities_or_training_state(idfusion_dir):
+    from idfusion_pack.nodes.common import adapter_files, identity_files
+    for rel in ("mine.safetensors", "identities/me_00001.safetensors", "training/mine.train-state.safetensors"):
+        (idfusion_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        (idfusion_dir / rel).write_bytes(b"")
+    assert adapter_files() == ["mine.safetensors"]
+    assert identity_files() == ["identities/me_00001.safetensors"]
