@@ -1,5 +1,6 @@
 """Test setup: the real ComfyUI host (path from COMFYUI_PATH, set by the Makefile) and this pack loaded the way
 ComfyUI loads a custom node (a package from its __init__.py). No stub modules."""
+import contextlib
 import importlib.util
 import os
 import sys
@@ -145,3 +146,32 @@ def idfusion_dir(tmp_path, monkeypatch):
     d.mkdir()
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "idfusion", ([str(d)], {".safetensors"}))
     return d
+
+
+@contextlib.contextmanager
+def running_server(base, timeout: float = 240):
+    """A real ComfyUI server of this host (main.py --cpu, this pack linked into its custom_nodes) in base directory
+    `base`, stopped on exit."""
+    import comfy_server
+    srv = comfy_server.ComfyServer(COMFYUI, str(base), python=sys.executable)
+    srv.launch()
+    try:
+        srv.wait_ready(timeout=timeout)
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def screens(tmp_path_factory):
+    """save(page, name): a PNG of the page in the test's tmp folder, and in $IDFUSION_SCREENS when that is set."""
+    import ui_browser
+    dirs = [str(tmp_path_factory.mktemp("screens"))]
+    if os.environ.get("IDFUSION_SCREENS"):
+        os.makedirs(os.environ["IDFUSION_SCREENS"], exist_ok=True)
+        dirs.append(os.environ["IDFUSION_SCREENS"])
+
+    def save(page, name):
+        for d in dirs:
+            ui_browser.screenshot(page, os.path.join(d, name + ".png"))
+    return save

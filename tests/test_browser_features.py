@@ -17,9 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-import comfy_server  # scripts/ is on sys.path (conftest.py)
-import ui_browser
-from conftest import COMFYUI, ROOT
+import ui_browser  # scripts/ is on sys.path (conftest.py)
+from conftest import ROOT, running_server
 
 pytestmark = pytest.mark.e2e
 
@@ -27,18 +26,6 @@ SYNTHETIC_MODEL = os.path.join(ROOT, "models", "synthetic_faces.safetensors")
 SYNTHETIC_REFS = os.path.join(ROOT, "workflows", "assets", "synthetic")
 
 
-@pytest.fixture(scope="module")
-def screens(tmp_path_factory):
-    dirs = [tmp_path_factory.mktemp("screens")]
-    extra = os.environ.get("IDFUSION_SCREENS") or ("/work/helpers/screens" if os.path.isdir("/work/helpers") else "")
-    if extra:
-        os.makedirs(extra, exist_ok=True)
-        dirs.append(extra)
-
-    def save(page, name):
-        for d in dirs:
-            ui_browser.screenshot(page, os.path.join(str(d), name + ".png"))
-    return save
 
 
 def _adapters(models):
@@ -76,13 +63,8 @@ def server(tmp_path_factory):
     _adapters(models)
     os.makedirs(os.path.join(base, "input"))
     Image.fromarray(data.astronaut()).save(os.path.join(base, "input", "astronaut.png"))
-    srv = comfy_server.ComfyServer(COMFYUI, base, python=sys.executable)
-    srv.launch()
-    try:
-        srv.wait_ready(timeout=240)
+    with running_server(base) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

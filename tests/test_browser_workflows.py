@@ -13,9 +13,8 @@ import os
 
 import pytest
 
-import comfy_server  # scripts/ is on sys.path (conftest.py)
-import ui_browser
-from conftest import COMFYUI, ROOT
+import ui_browser  # scripts/ is on sys.path (conftest.py)
+from conftest import ROOT, running_server
 
 pytestmark = pytest.mark.e2e
 
@@ -33,18 +32,6 @@ def load(name):
         return json.load(f)
 
 
-@pytest.fixture(scope="module")
-def screens(tmp_path_factory):
-    dirs = [tmp_path_factory.mktemp("screens")]
-    extra = os.environ.get("IDFUSION_SCREENS") or ("/work/helpers/screens" if os.path.isdir("/work/helpers") else "")
-    if extra:
-        os.makedirs(extra, exist_ok=True)
-        dirs.append(extra)
-
-    def save(page, name):
-        for d in dirs:
-            ui_browser.screenshot(page, os.path.join(str(d), name + ".png"))
-    return save
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +39,8 @@ def server(tmp_path_factory):
     import sys
     base = tmp_path_factory.mktemp("comfy_base_ui")
     ui_browser.seed_user_settings(str(base))
-    srv = comfy_server.ComfyServer(COMFYUI, str(base), python=sys.executable)
-    srv.launch()
-    try:
-        srv.wait_ready(timeout=240)
+    with running_server(str(base)) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import comfy_server  # scripts/ is on sys.path (conftest.py)
-from conftest import COMFYUI, ROOT
+from conftest import COMFYUI, ROOT, running_server
 
 pytestmark = pytest.mark.e2e
 
@@ -26,13 +26,8 @@ def server(tmp_path_factory, random_checkpoint):
     os.makedirs(base / "models" / "checkpoints")
     shutil.copyfile(REFERENCE, base / "input" / "idfusion_reference.png")
     os.symlink(random_checkpoint, base / "models" / "checkpoints" / "random_sd15.safetensors")
-    srv = comfy_server.ComfyServer(COMFYUI, str(base), python=sys.executable)
-    srv.launch()
-    try:
-        srv.wait_ready(timeout=240)
+    with running_server(str(base)) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def test_pack_nodes_registered(server):

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import comfy_server  # scripts/ is on sys.path (conftest.py)
-from conftest import COMFYUI, ROOT
+from conftest import ROOT, running_server
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks", "synthetic"))
 import domain as D  # noqa: E402
@@ -143,13 +143,8 @@ def test_shipped_adapter_transfers_unseen_identities(shipped, classifier):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfy_synthetic")
-    srv = comfy_server.ComfyServer(COMFYUI, str(base), python=sys.executable)
-    srv.launch()
-    try:
-        srv.wait_ready(timeout=240)
+    with running_server(str(base)) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def outputs(server, entry):
