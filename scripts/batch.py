@@ -281,13 +281,14 @@ def table_jobs(workflow, info, path: str) -> list[Job]:
     return jobs
 
 
-def reference_images(folder: str) -> list[str]:
+def reference_images(folder: str, flag: str = "--refs", what: str = "images") -> list[str]:
+    """The image files in a folder, sorted; `flag` names the option in errors (face_benchmark's is --faces)."""
     if not os.path.isdir(folder):
-        raise BatchError(f"--refs {folder} is not a folder.")
+        raise BatchError(f"{flag} {folder} is not a folder.")
     files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTS)
                    and os.path.isfile(os.path.join(folder, f)))
     if not files:
-        raise BatchError(f"--refs {folder} has no images ({' '.join(IMAGE_EXTS)}).")
+        raise BatchError(f"{flag} {folder} has no {what} ({' '.join(IMAGE_EXTS)}).")
     return files
 
 

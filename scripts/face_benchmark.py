@@ -40,7 +40,6 @@ import comfy_server
 from comfy_server import ComfyClient, ComfyServer, ComfyServerError, write_atomic  # noqa: F401 (write_atomic: API)
 
 DEFAULT_WORKFLOW = os.path.join(comfy_server.ROOT, "workflows", "api", "idfusion_face_benchmark_api.json")
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SCORER = "IDFusionFaceEvaluate"
 # marker title -> the inputs it may set (first one present wins), and how to add the marker
 MARKERS = {
@@ -61,26 +60,17 @@ class BenchmarkError(Exception):
 # ---------------------------------------------------------------------------------------------- inputs
 
 def reference_images(folder: str) -> list[str]:
-    if not os.path.isdir(folder):
-        raise BenchmarkError(f"--faces {folder} is not a folder.")
-    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTS)
-                   and os.path.isfile(os.path.join(folder, f)))
-    if not files:
-        raise BenchmarkError(f"--faces {folder} has no reference images ({' '.join(IMAGE_EXTS)}): put one photo per "
-                             f"reference in it.")
-    return files
+    try:
+        return batch.reference_images(folder, "--faces", "reference images")
+    except batch.BatchError as e:
+        raise BenchmarkError(f"{e} Put one photo per reference in it.") from None
 
 
 def read_prompts(path: str) -> list[str]:
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = [l.strip() for l in f if l.strip() and not l.lstrip().startswith("#")]
-    except OSError as e:
-        raise BenchmarkError(f"Cannot read --prompts {path}: {e.strerror}.") from None
-    prompts = list(dict.fromkeys(lines))  # a prompt listed twice would only repeat its runs
-    if not prompts:
-        raise BenchmarkError(f"--prompts {path} has no prompts: write one per line (blank lines and # comments are ignored).")
-    return prompts
+        return batch.read_prompts(path)
+    except batch.BatchError as e:
+        raise BenchmarkError(str(e)) from None
 
 
 def load_workflow(path: str) -> dict:
