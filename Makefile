@@ -32,7 +32,8 @@ test-old:
 	bash scripts/setup_host.sh $(OLD_HOST)
 	COMFYUI_PATH=$(call comfy,$(OLD_HOST)) $(call py,$(OLD_HOST)) -m pytest -q -p no:cacheprovider \
 	  tests/test_nodes.py tests/test_fused_attention.py tests/test_faces.py tests/test_face_benchmark.py tests/test_server_e2e.py \
-	  tests/test_synthetic_model.py tests/test_bad_input.py tests/test_train_server.py; \
+	  tests/test_synthetic_model.py tests/test_bad_input.py tests/test_train_server.py tests/test_identity_files.py tests/test_sdxl_e2e.py \
+	  tests/test_token_budget.py tests/test_block_weights.py; \
 	  rc=$$?; [ $$rc -eq 5 ] && echo "pytest collected no tests" >&2; exit $$rc
 
 # speed: IDFusion step cost vs the plain UNet (CPU small config; see benchmarks/README.md for GPU)

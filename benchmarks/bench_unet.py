@@ -48,6 +48,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--only", default="", help="variant names to run, separated by ';' (plain always runs)")
+    ap.add_argument("--no-encoding", action="store_true", help="skip the reference-encoding timing (saves time at 512²)")
     ap.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", "bench_unet.json"))
     args = ap.parse_args()
     pack = setup_host(args.device)
@@ -142,6 +143,7 @@ def main():
         "weight 0": pack.NODE_CLASS_MAPPINGS["IDFusionApply"]().apply(model, adapter, id_full, 0.0, 0.0, 1.0, "text only", "cached")[0],
         "cached, full-size ref": fused([Entry(id_full)]),
         "cached, half-size ref": fused([Entry(id_half)]),
+        "cached, full-size ref, 2x2 pooled": fused([Entry(id_full)], reference_tokens="pooled"),  # token budget option
         "3 references (half-size)": fused([Entry(id_half3)]),
         "3 identities + masks (half-size)": fused([Entry(i, r) for i, r in zip(ids3, regions)]),
         "per-step, full-size ref": fused([Entry(id_full)], mode="per_step"),
@@ -163,28 +165,33 @@ def main():
     def step(m):
         to = random_models.sampler_transformer_options(m, [1, 0])
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with torch.no_grad():
             base.apply_model(x, sigma, c_crossattn=c, transformer_options=to, **kwargs)
         sync()
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
     names = list(variants)
     for _ in range(args.warmup):
         for n in names:
             step(variants[n])
     times = {n: [] for n in names}
+    # CPU time of this process as well as wall time: on a CPU shared with other jobs, wall time mostly measures
+    # their load; the process's own CPU seconds are far less sensitive to it (not on GPU, where it means little)
+    cpu = {n: [] for n in names}
     for r in range(args.repeats):
         order = names[r % len(names):] + names[:r % len(names)]  # rotate so no variant always runs first
         for n in order:
-            times[n].append(step(variants[n]))
+            wall, proc = step(variants[n])
+            times[n].append(wall)
+            cpu[n].append(proc)
         print(f"repeat {r + 1}/{args.repeats}", file=sys.stderr, end="\r")
 
     # encoding: one reference pass (batch 1, full-size ref) vs one plain UNet forward of the same batch
     x1 = torch.randn(1, 4, full, full).to(dev, dtype)
     ctx1, y1, _ = text_condition(model)
     enc, fwd = [], []
-    for r in range(args.repeats + args.warmup):
+    for r in range(0 if args.no_encoding else args.repeats + args.warmup):
         sync(); t0 = time.perf_counter()
         run_reference_pass(base, dev, x1, reference_sigma(model, 0), ctx1.to(dtype), None if y1 is None else y1.to(dtype))
         sync(); t1 = time.perf_counter()
@@ -212,12 +219,16 @@ def main():
     for n in names:
         ratios = [a / b for a, b in zip(times[n], plain)]
         q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
+        cpu_ratios = [a / b for a, b in zip(cpu[n], cpu["plain"])]
+        cq = statistics.quantiles(cpu_ratios, n=4) if len(cpu_ratios) >= 2 else [cpu_ratios[0]] * 3
         rows.append({"variant": n, "median_ms": 1000 * statistics.median(times[n]), "ratio": statistics.median(ratios),
-                     "ratio_q1": q[0], "ratio_q3": q[2]})
+                     "ratio_q1": q[0], "ratio_q3": q[2], "cpu_ratio": statistics.median(cpu_ratios),
+                     "cpu_ratio_q1": cq[0], "cpu_ratio_q3": cq[2]})
     enc_ratios = [a / b for a, b in zip(enc, fwd)]
-    rows.append({"variant": "reference encoding (1 pass) / 1 plain forward, batch 1", "median_ms": 1000 * statistics.median(enc),
-                 "ratio": statistics.median(enc_ratios), "ratio_q1": statistics.quantiles(enc_ratios, n=4)[0],
-                 "ratio_q3": statistics.quantiles(enc_ratios, n=4)[2]})
+    if enc_ratios:
+        rows.append({"variant": "reference encoding (1 pass) / 1 plain forward, batch 1", "median_ms": 1000 * statistics.median(enc),
+                     "ratio": statistics.median(enc_ratios), "ratio_q1": statistics.quantiles(enc_ratios, n=4)[0],
+                     "ratio_q3": statistics.quantiles(enc_ratios, n=4)[2]})
 
     import comfyui_version
     import platform
@@ -229,14 +240,15 @@ def main():
             "attention": __import__("comfy.ldm.modules.attention", fromlist=["x"]).optimized_attention.__name__}
     print(f"\nIDFusion step cost vs plain UNet: {meta['family']} {image}px ({lat}x{lat} latent), CFG batch 2, "
           f"{meta['device']} {meta['dtype']}, {args.repeats} interleaved repeats, attention={meta['attention']}")
-    print(f"{'variant':58s} {'median ms':>10s} {'ratio':>7s}  {'IQR of ratio':>15s}")
+    print(f"{'variant':58s} {'median ms':>10s} {'ratio':>7s}  {'IQR of ratio':>15s}  {'CPU-time ratio [IQR]':>26s}")
     for r in rows:
-        print(f"{r['variant']:58s} {r['median_ms']:10.1f} {r['ratio']:7.3f}  [{r['ratio_q1']:.3f}, {r['ratio_q3']:.3f}]")
+        c = f"{r['cpu_ratio']:7.3f}  [{r['cpu_ratio_q1']:.3f}, {r['cpu_ratio_q3']:.3f}]" if "cpu_ratio" in r else ""
+        print(f"{r['variant']:58s} {r['median_ms']:10.1f} {r['ratio']:7.3f}  [{r['ratio_q1']:.3f}, {r['ratio_q3']:.3f}]  {c}")
     for k, v in mem.items():
         print(f"{k:58s} {v:10.2f}")
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as fh:
-        json.dump({"meta": meta, "rows": rows, "memory": mem}, fh, indent=2)
+        json.dump({"meta": meta, "rows": rows, "memory": mem, "seconds": {"wall": times, "cpu": cpu}}, fh, indent=2)
     print(f"wrote {args.json}")
 
 

@@ -352,7 +352,7 @@ def _open(path: str, what: str, fn):
                            f"not a safetensors file. Replace it with a complete copy.") from e
 
 
-def read_header(path: str, expected_format: str, what: str):
+def read_header(path: str, expected_format: str, what: str, newest: int = FORMAT_VERSION):
     """(name -> (shape, dtype), metadata) from the file header only: nothing is allocated for tensor data. safetensors
     itself checks that every declared tensor lies inside the file, so the shapes bound what a later read allocates."""
     name = os.path.basename(path)
@@ -377,9 +377,9 @@ def read_header(path: str, expected_format: str, what: str):
     if not re.fullmatch(r"[0-9]{1,6}", version) or int(version) < 1:
         raise AdapterError(f"The {what} file '{name}' has format_version {version!r}, not a version number; it is damaged. "
                            f"Replace it with a file written by IDFusion.")
-    if int(version) > FORMAT_VERSION:
+    if int(version) > newest:
         raise AdapterError(f"'{name}' uses {what} format version {version}, newer than this pack "
-                           f"understands ({FORMAT_VERSION}); update ComfyUI-IDFusion.")
+                           f"understands ({newest}); update ComfyUI-IDFusion.")
     return shapes, meta
 
 

@@ -4,6 +4,7 @@ Shapes: b batch, N_h query tokens, N_c text tokens, N_f identity tokens, D inner
 C channels of the layer's hidden state.
 
     K_f = Linear_kf(h_f),  V_f = Linear_vf(h_f)                      (Eq. 2)
+    h_f <- AvgPool2x2(h_f) on the largest layers (an optional token budget, not in the paper)
     K'  = [K_c; K_f1; ...; K_fn],  V' = [V_c; V_f1; ...; V_fn]       (Eqs. 3, 6)
     S   = softmax(M + scale * Q K'^T),  h = S V'                     (Eqs. 4, 5)
     M[q, k] = -inf  if k belongs to identity i and q lies in the region of some identity j != i   (Eq. 7)
@@ -28,6 +29,19 @@ def project(h_f: torch.Tensor, linear_kf: torch.Tensor, linear_vf: torch.Tensor,
     if weight != 1.0:
         V_f = V_f * weight
     return K_f, V_f
+
+
+def pool_tokens(h_f: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Reference token budget: 2x2 average pooling of h_f laid out on its h x w token grid.
+    h_f (..., h*w, C) -> (..., ceil(h/2)*ceil(w/2), C). Odd sides keep their last row/column, averaged over the
+    cells that exist (ceil_mode, no padding). Eq. 2 is linear, so pooling h_f then projecting equals pooling
+    K_f/V_f, at a quarter of the projection cost."""
+    *lead, n, c = h_f.shape
+    if n != h * w:
+        raise ValueError(f"pool_tokens: {n} tokens do not lie on a {h}x{w} grid.")
+    x = h_f.reshape(-1, h, w, c).permute(0, 3, 1, 2)                      # (B, C, h, w)
+    x = F.avg_pool2d(x, 2, ceil_mode=True)
+    return x.permute(0, 2, 3, 1).reshape(*lead, -1, c)
 
 
 def concat_keys(k_c: torch.Tensor, v_c: torch.Tensor, K_f: list[torch.Tensor], V_f: list[torch.Tensor]):

@@ -1,20 +1,30 @@
 """Reference encoding: a face image goes through the same UNet and every attn2 layer's input h_f is
-recorded (paper Fig. 2). An Identity holds h_f per reference and per layer, and its .safetensors format."""
+recorded (paper Fig. 2). An Identity holds h_f per reference and per layer, and its .safetensors format.
+
+Two file formats (both load):
+- version 2 (default, small): per reference only the clean latent and a thumbnail, plus the text context of the
+  reference pass. h_f is recomputed with one reference pass through the model the identity is applied to
+  (`Identity.for_model`): about 0.3 MB for a 512² SD1.5 reference instead of 46 MB, and one file serves every
+  checkpoint of its family.
+- version 1: h_f stored for every layer (fp32), as older versions of the pack wrote it."""
 from __future__ import annotations
 
 import json
 import os
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 
-from .adapter import (AdapterError, FLOAT_DTYPES, FORMAT_VERSION, FileProblem, Layer, check_layers,
-                      check_tensor_headers, check_values, find_layers, model_family, parse_encoding, parse_family,
-                      parse_layers, read_header, read_tensors, save_safetensors_atomic)
+from .adapter import (AdapterError, FLOAT_DTYPES, FileProblem, Layer, check_layers, check_tensor_headers,
+                      check_values, find_layers, model_family, parse_encoding, parse_family, parse_layers,
+                      read_header, read_tensors, save_safetensors_atomic)
 
 IDENTITY_FORMAT = "idfusion.identity"
+WITH_H_F, COMPACT = 1, 2  # identity format versions: h_f stored / only what recomputes it
 THUMBNAIL = 64            # longest side of the reference thumbnail kept in the file, in pixels
 MAX_REFERENCES = 256
+MAX_LATENT_SIDE = 512     # a 4096 px reference for SD-style VAEs; bounds the reference pass a file can ask for
 MAX_ACTIVATION = 1e6      # |h_f|, context and latents of a real model stay far below this (fp16 tops out at 65504)
 
 
@@ -24,38 +34,75 @@ class Identity:
     layers: list[Layer]
     family: str
     encoding: dict                      # {"mode": "cached"|"per_step", "timestep": int, "text": "zeros"|"empty"}
-    h_f: list[dict]                     # per reference: layer.name -> (N_f, C) float32, CPU
-    latents: list[torch.Tensor]         # per reference: clean model-space latent (1, c, h, w), for per-step mode
+    h_f: list                           # per reference: layer.name -> (N_f, C) float32 on the CPU, or None when
+                                        # the file had only the latent (for_model computes it)
+    latents: list[torch.Tensor]         # per reference: clean model-space latent (1, c, h, w): the reference pass's input
     context: torch.Tensor               # (1, N_c, ctx) text context of the reference pass
     y: torch.Tensor | None = None       # (1, adm) for models with ADM (SDXL), else None
     name: str = "identity"
     _uid: int = field(default=0, repr=False)
     # per reference: a small uint8 (h, w, 3) picture of it (longest side <= THUMBNAIL), or None (older files)
     thumbnails: list = field(default_factory=list)
+    # identities with h_f computed by for_model: [(weakref to the BaseModel, its weight patches' uuid, Identity)]
+    _computed: list = field(default_factory=list, repr=False, compare=False)
 
     def thumbnail(self, r: int):
         return self.thumbnails[r] if r < len(self.thumbnails) else None
 
     @property
     def references(self) -> int:
-        return len(self.h_f)
+        return len(self.latents)
 
     def check_model(self, model_patcher):
         check_layers(self.layers, self.family, model_patcher, "Identity", self.name)
 
-    def save(self, path: str):
+    def for_model(self, model_patcher) -> "Identity":
+        """This identity with h_f for every reference. A reference loaded without h_f (format 2) gets it from one
+        reference pass of its stored latent through model_patcher's UNet, with the stored context and timestep: what
+        Encode Reference Face computed. Kept per model and weight patches (LoRA), so a cached Load Identity pays the
+        pass once; only the latest two are kept (h_f of a 512² reference is ~46 MB)."""
+        missing = [r for r, h in enumerate(self.h_f) if h is None]
+        if not missing:
+            return self
+        uuid = getattr(model_patcher, "patches_uuid", None)
+        for ref, patches, done in self._computed:
+            if ref() is model_patcher.model and patches == uuid:
+                return done
+        self.check_model(model_patcher)
+        base = model_patcher.model
+        channels = getattr(base.diffusion_model, "in_channels", None)
+        for r in missing:
+            if channels is not None and self.latents[r].shape[1] != channels:
+                raise AdapterError(f"Identity '{self.name}': reference {r + 1}'s latent has {self.latents[r].shape[1]} "
+                                   f"channels but this model's UNet takes {channels}; encode the reference again with this model.")
+        sigma = reference_sigma(model_patcher, self.encoding.get("timestep", 0))
+        h_f = list(self.h_f)
+        for r in missing:
+            h_f[r] = reference_h_f(model_patcher, self.layers, self.latents[r], sigma, self.context, self.y)
+        done = Identity(self.layers, self.family, self.encoding, h_f, self.latents, self.context, self.y, self.name,
+                        thumbnails=self.thumbnails)
+        self._computed = [e for e in self._computed if e[0]() is not None][-1:] + [(weakref.ref(base), uuid, done)]
+        return done
+
+    def save(self, path: str, with_h_f: bool = False):
+        """Format 2 (latents, context, thumbnails; h_f is recomputed when applied), or format 1 with every layer's
+        h_f (with_h_f=True: large, but readable by older versions of the pack)."""
         tensors = {"context": self.context}
         if self.y is not None:
             tensors["y"] = self.y
-        for r, (h, lat) in enumerate(zip(self.h_f, self.latents)):
+        if with_h_f and any(h is None for h in self.h_f):
+            raise AdapterError(f"Identity '{self.name}' has no h_f yet (it was loaded from a compact file): apply it to a "
+                               f"model first, or save it in the compact format.")
+        for r, lat in enumerate(self.latents):
             tensors[f"ref{r}.latent"] = lat
-            for l in self.layers:
-                tensors[f"ref{r}.{'.'.join(str(x) for x in l.key)}.h_f"] = h[l.name]
+            if with_h_f:
+                for l in self.layers:
+                    tensors[_h_f_key(r, l)] = self.h_f[r][l.name]
             if self.thumbnail(r) is not None:
                 tensors[f"ref{r}.thumbnail"] = self.thumbnail(r)
-        meta = {"format": IDENTITY_FORMAT, "format_version": str(FORMAT_VERSION), "base_family": self.family,
-                "layers": json.dumps([l.to_json() for l in self.layers]), "encoding": json.dumps(self.encoding),
-                "references": str(self.references), "name": self.name}
+        meta = {"format": IDENTITY_FORMAT, "format_version": str(WITH_H_F if with_h_f else COMPACT),
+                "base_family": self.family, "layers": json.dumps([l.to_json() for l in self.layers]),
+                "encoding": json.dumps(self.encoding), "references": str(self.references), "name": self.name}
         save_safetensors_atomic(tensors, path, meta)
 
     @classmethod
@@ -64,7 +111,8 @@ class Identity:
         fname = os.path.basename(path)
         bad = FileProblem("Identity", fname, "encode the reference again (IDFusion Encode Reference Face) and save it, "
                                              "or delete the file from models/idfusion/identities")
-        shapes, meta = read_header(path, IDENTITY_FORMAT, "identity")
+        shapes, meta = read_header(path, IDENTITY_FORMAT, "identity", newest=COMPACT)
+        stores_h_f = int(meta["format_version"]) == WITH_H_F
         layers = bad.check(parse_layers, meta.get("layers"))
         encoding = bad.check(parse_encoding, meta.get("encoding"), "encoding")
         family = bad.check(parse_family, meta.get("base_family"))
@@ -75,13 +123,12 @@ class Identity:
         name = meta.get("name", os.path.splitext(fname)[0])
         if not name or len(name) > 200 or not name.isprintable():
             raise bad.error("its 'name' metadata is empty, too long or has control characters")
-        bad.check(check_tensor_headers, shapes, *_identity_spec(shapes, layers, n))
+        bad.check(check_tensor_headers, shapes, *_identity_spec(shapes, layers, n, stores_h_f))
         tensors = {}
         for k, t in read_tensors(path, list(shapes), "identity"):
             bad.check(check_values, k, t, MAX_ACTIVATION)
             tensors[k] = t
-        key = lambda r, l: f"ref{r}.{'.'.join(str(x) for x in l.key)}.h_f"
-        h_f = [{l.name: tensors[key(r, l)].float() for l in layers} for r in range(n)]
+        h_f = [{l.name: tensors[_h_f_key(r, l)].float() for l in layers} if stores_h_f else None for r in range(n)]
         latents = [tensors[f"ref{r}.latent"].float() for r in range(n)]
         thumbs = [tensors.get(f"ref{r}.thumbnail") for r in range(n)]
         return cls(layers, family, encoding, h_f, latents, tensors["context"].float(),
@@ -89,10 +136,19 @@ class Identity:
                    thumbnails=thumbs if any(t is not None for t in thumbs) else [])
 
 
-def _identity_spec(shapes: dict, layers: list[Layer], n: int):
+def _h_f_key(r: int, layer: Layer) -> str:
+    return f"ref{r}.{'.'.join(str(x) for x in layer.key)}.h_f"
+
+
+def _identity_spec(shapes: dict, layers: list[Layer], n: int, stores_h_f: bool = True):
     """What an identity file with n references for these layers must (and may) hold: (expected, optional)."""
     def rank(k):
         return lambda s: None if len(s) == k and all(d >= 1 for d in s) and s[0] == 1 else f"expected (1, ...) with {k} dimensions"
+
+    def latent_shape(s):
+        if len(s) != 4 or s[0] != 1 or min(s) < 1:
+            return "expected (1, channels, height, width)"
+        return None if max(s[2:]) <= MAX_LATENT_SIDE else f"expected height and width of at most {MAX_LATENT_SIDE}"
 
     def thumb(s):
         ok = len(s) == 3 and s[2] == 3 and 1 <= s[0] <= THUMBNAIL and 1 <= s[1] <= THUMBNAIL
@@ -103,13 +159,13 @@ def _identity_spec(shapes: dict, layers: list[Layer], n: int):
     for r in range(n):
         latent = shapes.get(f"ref{r}.latent", ((),))[0]
         tokens = latent[2] * latent[3] if len(latent) == 4 else 0
-        expected[f"ref{r}.latent"] = (rank(4), FLOAT_DTYPES)
-        for l in layers:
+        expected[f"ref{r}.latent"] = (latent_shape, FLOAT_DTYPES)
+        for l in (layers if stores_h_f else []):
             # h_f of a layer has one token per latent position at most (lower UNet levels have fewer)
             def h_f(s, c=l.channels, t=tokens):
                 return None if len(s) == 2 and s[1] == c and 1 <= s[0] <= max(t, 1) else \
                     f"expected (tokens, {c}) with 1 to {t} tokens (the reference latent's positions)"
-            expected[f"ref{r}.{'.'.join(str(x) for x in l.key)}.h_f"] = (h_f, FLOAT_DTYPES)
+            expected[_h_f_key(r, l)] = (h_f, FLOAT_DTYPES)
         optional[f"ref{r}.thumbnail"] = (thumb, {"U8"})
     return expected, optional
 
@@ -192,10 +248,21 @@ def reference_sigma(model_patcher, timestep: int) -> torch.Tensor:
     return ms.sigma(torch.tensor([float(timestep)])).float().cpu()
 
 
+def reference_h_f(model_patcher, layers: list[Layer], latent: torch.Tensor, sigma: torch.Tensor,
+                  context: torch.Tensor, y=None) -> dict:
+    """h_f of one reference: {layer name: (N_f, C) float32 on the CPU}, from one pass of its clean latent."""
+    import comfy.model_management as mm
+    mm.load_models_gpu([model_patcher])  # the VAE (or another model) may have pushed the UNet out of VRAM
+    rec = run_reference_pass(model_patcher.model, model_patcher.load_device, latent, sigma, context, y)
+    missing = [l.key for l in layers if l.key not in rec]
+    if missing:
+        raise AdapterError(f"The reference pass did not reach attn2 layers {missing[:3]}...: this model's UNet is not one IDFusion can patch.")
+    return {l.name: rec[l.key][0].float().cpu() for l in layers}
+
+
 def encode_identity(model_patcher, vae, image: torch.Tensor, clip=None, timestep: int = 0,
                     mode: str = "cached", name: str = "identity", progress=None) -> Identity:
     """IMAGE batch (B, H, W, 3) of one person -> Identity with h_f per reference, one UNet pass each."""
-    import comfy.model_management as mm
     if image.ndim != 4 or image.shape[0] == 0:
         raise AdapterError("reference_images must be an IMAGE batch with at least one image.")
     base = model_patcher.model
@@ -206,12 +273,7 @@ def encode_identity(model_patcher, vae, image: torch.Tensor, clip=None, timestep
     for r in range(image.shape[0]):
         thumbs.append(thumbnail(image[r]))
         latent = base.process_latent_in(vae.encode(image[r:r + 1, :, :, :3])).float().cpu()
-        mm.load_models_gpu([model_patcher])  # after the VAE, which may have pushed the UNet out of VRAM
-        rec = run_reference_pass(base, model_patcher.load_device, latent, sigma, context, y)
-        missing = [l.key for l in layers if l.key not in rec]
-        if missing:
-            raise AdapterError(f"The reference pass did not reach attn2 layers {missing[:3]}...: this model's UNet is not one IDFusion can patch.")
-        h_f.append({l.name: rec[l.key][0].float().cpu() for l in layers})
+        h_f.append(reference_h_f(model_patcher, layers, latent, sigma, context, y))
         latents.append(latent)
         if progress is not None:
             progress.update(1)

@@ -32,18 +32,33 @@ class Entry:
 class Fusion:
     """One Apply: an adapter, the identities it fuses, when (sigma range) and for which CFG branch.
 
-    Holds the projected K_f/V_f per layer, device and dtype (projected once per reference, Eq. 2)."""
+    Holds the projected K_f/V_f per layer, device and dtype (projected once per reference, Eq. 2).
+
+    layer_weights: layer name -> factor on `weight` (per-block weights; missing layers 1). A layer whose
+    weight is 0 is not attended by this Fusion at all, so alone it leaves that layer's attn2 unpatched.
+    reference_tokens: "all", or "pooled": 2x2 average pooling of each reference's h_f at the highest-resolution
+    attention layers (SD1.5: the latent's own resolution; SDXL: half of it), fewer keys where they cost most."""
+
+    REFERENCE_TOKENS = ("all", "pooled")
 
     def __init__(self, adapter: IDFusionAdapter, entries: list[Entry], weight: float = 1.0,
                  sigma_start: float = float("inf"), sigma_end: float = 0.0, uncond: bool = False,
-                 mode: str = "cached", seed: int = 0):
+                 mode: str = "cached", seed: int = 0, reference_tokens: str = "all",
+                 layer_weights: dict | None = None):
         if mode not in ("cached", "per_step"):
             raise AdapterError(f"mode must be 'cached' or 'per_step', not {mode!r}.")
+        if reference_tokens not in self.REFERENCE_TOKENS:
+            raise AdapterError(f"reference_tokens must be 'all' or 'pooled', not {reference_tokens!r}.")
         self.uid = next(_uids)
         self.adapter, self.entries, self.weight = adapter, entries, float(weight)
         self.sigma_start, self.sigma_end = sigma_start, sigma_end
         self.uncond, self.mode, self.seed = uncond, mode, seed
-        self._kv = {}       # (layer name, device, dtype) -> [(K_f, V_f) per entry]
+        self.reference_tokens = reference_tokens
+        # the highest-resolution attention layers are the narrowest ones: SD-style UNets widen as they downsample
+        narrowest = min(l.channels for l in adapter.layers)
+        self._pooled = {l.name for l in adapter.layers if l.channels == narrowest} if reference_tokens == "pooled" else set()
+        self.layer_weights = {k: float(v) for k, v in (layer_weights or {}).items()}
+        self._kv = {}       # (layer name, device, dtype, weight at the layer) -> [(K_f, V_f) per entry]
         self._weights = {}  # per-step mode only: (layer name, device) -> Linear_kf/Linear_vf weights on device
         self._refs = {}     # per-step mode: device -> per entry, (reference latents, their fixed noise) on the device
 
@@ -62,22 +77,38 @@ class Fusion:
                 + [t for w in self._weights.values() for t in w]
                 + [t for refs in self._refs.values() for pair in refs for t in pair])
 
-    def _project(self, layer: Layer, refs: list[torch.Tensor], device, dtype):
+    def weight_at(self, layer: Layer) -> float:
+        """This Fusion's weight at one layer: `weight` times the layer's per-block factor."""
+        return self.weight * self.layer_weights.get(layer.name, 1.0)
+
+    def _tokens(self, layer: Layer, h: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        """One reference's h_f (N_f, C) at one layer, pooled 2x2 when the token budget asks for it at this layer.
+        The layer's token grid is the reference latent's (1, c, H, W), halved (ceil) once per UNet level."""
+        if layer.name not in self._pooled:
+            return h
+        H, W = latent.shape[-2:]
+        while H * W > h.shape[-2]:
+            H, W = (H + 1) // 2, (W + 1) // 2
+        return fusion.pool_tokens(h, H, W)
+
+    def _project(self, layer: Layer, refs: list[torch.Tensor], latents: list[torch.Tensor], device, dtype):
         key = (layer.name, device)
         weights = self._weights.get(key) or tuple(w.detach().to(device, torch.float32) for w in self.adapter.weights(layer))
         if self.mode == "per_step":  # projected every step: keep this layer's weights on the device
             self._weights[key] = weights
-        ks, vs = zip(*(fusion.project(h.to(device, torch.float32), *weights, self.weight) for h in refs))
+        ks, vs = zip(*(fusion.project(self._tokens(layer, h.to(device, torch.float32), lat), *weights, self.weight_at(layer))
+                       for h, lat in zip(refs, latents)))
         return torch.cat(ks).to(dtype), torch.cat(vs).to(dtype)  # several references concatenate (Eq. 6)
 
     def kv(self, layer: Layer, device, dtype, state: dict | None):
         """[(K_f, V_f)] per entry for this layer, each (sum of reference tokens, D)."""
         if self.mode == "per_step" and state is not None and "h_f" in state:
-            return [self._project(layer, [h[layer.key][r] for r in range(h[layer.key].shape[0])], device, dtype)
-                    for h in state["h_f"]]
-        key = (layer.name, device, dtype)
+            return [self._project(layer, [h[layer.key][r] for r in range(h[layer.key].shape[0])], e.identity.latents,
+                                  device, dtype)
+                    for e, h in zip(self.entries, state["h_f"])]
+        key = (layer.name, device, dtype, self.weight_at(layer))  # the layer's own weight scales its V_f
         if key not in self._kv:
-            self._kv[key] = [self._project(layer, [h[layer.name] for h in e.identity.h_f], device, dtype)
+            self._kv[key] = [self._project(layer, [h[layer.name] for h in e.identity.h_f], e.identity.latents, device, dtype)
                              for e in self.entries]
         return self._kv[key]
 
@@ -182,8 +213,11 @@ class LayerPatch:
     def _fused(self, q, k, v, extra_options):
         states = extra_options.get("idfusion", {})
         cond_or_uncond = extra_options.get("cond_or_uncond") or [0]
+        # a Fusion whose weight at this layer is 0 (per-block weights) is left out here, so on its own the layer
+        # takes the plain path, bit-identical to the unpatched model
         per_chunk = [tuple(f for f in self.fusions
-                           if states.get(f.uid, {"active": True})["active"] and (c == 0 or f.uncond))
+                           if states.get(f.uid, {"active": True})["active"] and (c == 0 or f.uncond)
+                           and f.weight_at(self.layer) != 0)
                      for c in cond_or_uncond]
         if len(set(per_chunk)) == 1 or q.shape[0] % len(cond_or_uncond):
             return self._attend(q, k, v, per_chunk[0], extra_options, states)

@@ -21,6 +21,7 @@ export function describe(info) {
   const lines = [`family: ${info.family ?? "unknown"}   layers: ${info.layers ?? "?"}`];
   if (info.format === "idfusion.identity") {
     lines.push(`identity: ${info.identity_name ?? "?"}   references: ${info.references ?? "?"}`);
+    lines.push(`h_f: ${info.h_f ?? "?"}`);
     lines.push(`encoded: ${encodingText(info.reference_encoding)}`);
   } else {
     lines.push(`encoded: ${encodingText(info.reference_encoding)}`);

@@ -1,5 +1,7 @@
 """Apply nodes: patch a clone of MODEL with one identity, or several identities placed by region masks."""
 import logging
+import math
+import re
 
 import torch
 
@@ -25,21 +27,92 @@ _COMMON = {
 }
 
 
-def _apply(model, adapter, entries, weight, start_at, end_at, uncond, mode):
-    """Validate everything, then return (patched clone,); weight 0 returns an unpatched clone."""
+# optional, so API workflows saved before these inputs existed keep working
+POOLED = "2x2 pooled at the highest resolution"
+REFERENCE_TOKENS = {"all": "all", POOLED: "pooled", "pooled": "pooled"}  # label -> Fusion's value
+_OPTIONS = {
+    "reference_tokens": (["all", POOLED], {"default": "all", "tooltip":
+                         "all (default): every reference token at every layer. 2x2 pooled: on the highest-resolution attention "
+                         "layers the reference's tokens are averaged 2x2, 4x fewer keys where they cost most: a 512² SD1.5 "
+                         "step costs 1.08x the plain step instead of 1.24x, but identity accuracy dropped by 3.9 points on the "
+                         "pack's synthetic test (benchmarks/README.md)."}),
+    "block_weights": ("STRING", {"default": "", "multiline": False, "tooltip":
+                      "Per-block weights, multiplying weight (empty: 1 everywhere). Groups 'input:1, middle:0.5, output:1' "
+                      "and/or attn2 layer indices as in IPAdapter's layer_weights, '0:1, 5:0' (the adapter's layer order: "
+                      "SD1.5 has 16, SDXL 70). An index overrides its group. 0 leaves that layer exactly as without IDFusion."}),
+}
+GROUPS = ("input", "middle", "output")
+
+
+def parse_block_weights(text: str, layers) -> dict:
+    """block_weights -> {layer name: factor on weight}; empty -> {} (every layer 1). Groups (input, middle, output)
+    and layer indices (into `layers`, the adapter's order) mix; an index overrides its layer's group."""
+    text = (text or "").strip()
+    if not text:
+        return {}
+    n = len(layers)
+    howto = (f"write e.g. 'input:1, middle:0.5, output:1' or '0:1, 5:0' (groups input, middle, output, or attn2 layer "
+             f"indices 0-{n - 1}: this model has {n} attn2 layers)")
+    groups, indices = {}, {}
+    for item in re.split(r"[,;\n]", text):
+        item = item.strip()
+        if not item:
+            continue
+        name, sep, value = (p.strip() for p in item.partition(":"))
+        name = name.lower()
+        if not sep or not name or not value:
+            raise ValueError(f"block_weights: '{item}' is not 'name:value'; {howto}.")
+        try:
+            v = float(value)
+        except ValueError:
+            raise ValueError(f"block_weights: '{value}' in '{item}' is not a number; {howto}.") from None
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"block_weights: '{item}' has weight {value}; give a finite number >= 0 (0 switches the "
+                             f"layer off, 1 keeps weight as it is).")
+        if name in GROUPS:
+            if not any(l.key[0] == name for l in layers):
+                raise ValueError(f"block_weights: this model has no {name} attn2 layers; {howto}.")
+            table, key, what = groups, name, f"group '{name}'"
+        elif re.fullmatch(r"[+-]?\d+", name):
+            key = int(name)
+            if not 0 <= key < n:
+                raise ValueError(f"block_weights: layer index {key} in '{item}' is out of range: this model has {n} "
+                                 f"attn2 layers, indices 0-{n - 1}.")
+            table, what = indices, f"layer {key}"
+        else:
+            raise ValueError(f"block_weights: unknown group '{name}' in '{item}'; {howto}.")
+        if key in table:
+            raise ValueError(f"block_weights: {what} is given twice ('{table[key][1]}' and '{item}'); keep one.")
+        table[key] = (v, item)
+    out = {}
+    for i, l in enumerate(layers):
+        f = indices.get(i, groups.get(l.key[0]))
+        if f is not None:
+            out[l.name] = f[0]
+    return out
+
+
+def _apply(model, adapter, entries, weight, start_at, end_at, uncond, mode, reference_tokens="all", block_weights=""):
+    """Validate everything, then return (patched clone,); weight 0 (everywhere) returns an unpatched clone."""
     if start_at >= end_at:
         raise ValueError(f"start_at ({start_at}) must be smaller than end_at ({end_at}).")
+    if reference_tokens not in REFERENCE_TOKENS:
+        raise ValueError(f"reference_tokens is {reference_tokens!r}; choose 'all' or '{POOLED}'.")
     adapter.check_model(model)
+    layer_weights = parse_block_weights(block_weights, adapter.layers)  # before anything is computed or installed
     for e in entries:
         e.identity.check_model(model)
         _warn_encoding(adapter, e.identity)
     if mode == "adapter default":
         mode = adapter.encoding.get("mode", "cached")
-    if weight == 0:
+    if weight == 0 or all(layer_weights.get(l.name, 1.0) == 0 for l in adapter.layers):
         return (model.clone(),)
+    for e in entries:  # h_f of references loaded from compact files: one reference pass each, through this model
+        e.identity = e.identity.for_model(model)
     ms = model.get_model_object("model_sampling")
     return (install(model, Fusion(adapter, entries, weight, sigma_start=float(ms.percent_to_sigma(start_at)),
-                                  sigma_end=float(ms.percent_to_sigma(end_at)), uncond=(uncond == "identity too"), mode=mode)),)
+                                  sigma_end=float(ms.percent_to_sigma(end_at)), uncond=(uncond == "identity too"), mode=mode,
+                                  reference_tokens=REFERENCE_TOKENS[reference_tokens], layer_weights=layer_weights)),)
 
 
 def _warn_encoding(adapter, identity):
@@ -106,6 +179,7 @@ class IDFusionApply:
             **_COMMON,
         }, "optional": {
             "attn_mask": ("MASK", {"tooltip": "Optional: the identity only acts on image regions inside this mask."}),
+            **_OPTIONS,
         }}
 
     RETURN_TYPES = ("MODEL",)
@@ -115,11 +189,12 @@ class IDFusionApply:
     DESCRIPTION = ("Fuses a reference identity into every cross-attention layer: K' = [K_text; K_f], V' = [V_text; V_f]. "
                    "Chain several Apply nodes to add more identities.")
 
-    def apply(self, model, adapter, identity, weight, start_at, end_at, uncond, mode, attn_mask=None):
+    def apply(self, model, adapter, identity, weight, start_at, end_at, uncond, mode, attn_mask=None,
+              reference_tokens="all", block_weights=""):
         region = None if attn_mask is None else _region(attn_mask, "attn_mask", "connect a single mask, or use IDFusion Apply "
                                                         "Multi-Identity with one mask per identity")
         entry = Entry(identity, region, confine=True)
-        return _apply(model, adapter, [entry], weight, start_at, end_at, uncond, mode)
+        return _apply(model, adapter, [entry], weight, start_at, end_at, uncond, mode, reference_tokens, block_weights)
 
 
 class IDFusionApplyMultiIdentity:
@@ -133,7 +208,7 @@ class IDFusionApplyMultiIdentity:
             "masks": ("MASK", {"tooltip": "One mask per connected identity, as a batch in identity order (mask i = region of identity i)."}),
             "identity_1": ids.pop("identity_1"),
             **_COMMON,
-        }, "optional": ids}
+        }, "optional": {**ids, **_OPTIONS}}
 
     RETURN_TYPES = ("MODEL",)
     OUTPUT_TOOLTIPS = ("A clone of the model with every identity placed in its region. The node shows each region as "
@@ -143,18 +218,23 @@ class IDFusionApplyMultiIdentity:
     DESCRIPTION = ("Several people in one image (paper section 3.4): inside identity j's region, the other identities' keys are "
                    "masked out (Eq. 7), so faces do not morph into each other. Outside all regions every identity is visible.")
 
-    def apply(self, model, adapter, masks, weight, start_at, end_at, uncond, mode, **identities):
+    def apply(self, model, adapter, masks, weight, start_at, end_at, uncond, mode, reference_tokens="all",
+              block_weights="", **identities):
         """The patched model, as a tuple (for Python callers); ComfyUI calls apply_with_preview."""
-        return self._place(model, adapter, masks, weight, start_at, end_at, uncond, mode, **identities)[0]
+        return self._place(model, adapter, masks, weight, start_at, end_at, uncond, mode, reference_tokens, block_weights,
+                           **identities)[0]
 
-    def apply_with_preview(self, model, adapter, masks, weight, start_at, end_at, uncond, mode, **identities):
-        result, regions = self._place(model, adapter, masks, weight, start_at, end_at, uncond, mode, **identities)
+    def apply_with_preview(self, model, adapter, masks, weight, start_at, end_at, uncond, mode, reference_tokens="all",
+                           block_weights="", **identities):
+        result, regions = self._place(model, adapter, masks, weight, start_at, end_at, uncond, mode, reference_tokens,
+                                      block_weights, **identities)
         names = [identities[k].name for k in sorted(identities) if identities[k] is not None]
         return {"ui": {"images": [save_temp_png(region_overlay(regions), "IDFusion_regions")],
                        "idfusion_regions": region_legend([f"identity {i + 1}: {n}" for i, n in enumerate(names)])},
                 "result": result}
 
-    def _place(self, model, adapter, masks, weight, start_at, end_at, uncond, mode, **identities):
+    def _place(self, model, adapter, masks, weight, start_at, end_at, uncond, mode, reference_tokens="all",
+               block_weights="", **identities):
         names = [k for k in sorted(identities) if identities[k] is not None]
         ids = [identities[k] for k in names]
         if masks.ndim == 2:
@@ -167,7 +247,7 @@ class IDFusionApplyMultiIdentity:
         regions = [_region(m, f"mask {n + 1}") for n, m in enumerate(masks)]
         check_regions(regions, [f"mask {n + 1}" for n in range(len(regions))])
         entries = [Entry(i, r) for i, r in zip(ids, regions)]
-        return _apply(model, adapter, entries, weight, start_at, end_at, uncond, mode), regions
+        return _apply(model, adapter, entries, weight, start_at, end_at, uncond, mode, reference_tokens, block_weights), regions
 
 
 class IDFusionMaskBatch:

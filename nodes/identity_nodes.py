@@ -28,6 +28,10 @@ def thumbnails_ui(identity) -> dict:
     return {"images": images}
 
 
+COMPACT_CHOICE = "compact (h_f recomputed when applied)"
+STORE = {COMPACT_CHOICE: False, "h_f (large, format 1)": True}  # choice -> Identity.save(with_h_f=...)
+
+
 class IDFusionEncodeReference:
     @classmethod
     def INPUT_TYPES(cls):
@@ -86,17 +90,26 @@ class IDFusionSaveIdentity:
             "identity": ("IDFUSION_IDENTITY", {"tooltip": "The identity to keep."}),
             "filename_prefix": ("STRING", {"default": "identity", "tooltip":
                                 "File name prefix; files go to models/idfusion/identities only (no folders allowed)."}),
+        }, "optional": {
+            "store": (list(STORE), {"default": COMPACT_CHOICE, "tooltip":
+                      "compact (default): the reference latents, text context and thumbnails, about 0.3 MB for a 512 px "
+                      "SD1.5 reference; h_f is recomputed by one reference pass when the identity is applied, so one file "
+                      "serves every checkpoint of its family. h_f: every layer's h_f as computed now (about 46 MB per 512 px "
+                      "SD1.5 reference, format 1, readable by older versions of the pack)."}),
         }}
 
     RETURN_TYPES = ()
     OUTPUT_NODE = True
     FUNCTION = "save"
     CATEGORY = CATEGORY
-    DESCRIPTION = "Saves an identity as .safetensors in models/idfusion/identities, so it can be reused without re-encoding."
+    DESCRIPTION = ("Saves an identity as .safetensors in models/idfusion/identities, so it can be reused and shared without "
+                   "the reference photos. Compact files (default) keep the reference latents and recompute h_f when applied.")
 
-    def save(self, identity, filename_prefix):
+    def save(self, identity, filename_prefix, store=COMPACT_CHOICE):
+        if store not in STORE:
+            raise ValueError(f"store is {store!r}; pick one of {list(STORE)}.")
         path = new_identity_path(filename_prefix)
-        identity.save(path)
+        identity.save(path, with_h_f=STORE[store])
         return {"ui": {"text": [path]}}
 
 
@@ -109,7 +122,8 @@ class IDFusionLoadIdentity:
     RETURN_NAMES = ("identity",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
-    DESCRIPTION = "Loads a saved identity (.safetensors only). It must have been encoded with a model of the same family."
+    DESCRIPTION = ("Loads a saved identity (.safetensors only, both formats). It must have been encoded with a model of the same "
+                   "family; a compact file's h_f is computed by one UNet pass per reference at the Apply node.")
 
     def load(self, identity_name):
         identity = Identity.load(full_path("Identity", identity_name))

@@ -94,6 +94,8 @@ def file_info(name: str) -> dict:
         out["identity_name"] = meta.get("name")
         refs = meta.get("references")
         out["references"] = int(refs) if str(refs or "").isdigit() else refs
+        # format 1 files carry every layer's h_f; format 2 only the reference latents (idfusion/identity.py)
+        out["h_f"] = "stored" if meta.get("format_version") == "1" else "recomputed when applied"
     else:
         raise FileInfoError(422, f"'{name}' is not an IDFusion adapter or identity (its metadata says format={fmt!r}).")
     return out

@@ -209,3 +209,97 @@ def write_lora(path: str, seed: int = 0, rank: int = 4, targets=("attn1.to_q", "
     comfy.utils.save_torch_file(sd, tmp)
     os.replace(tmp, path)
     return path
+
+
+# ---- SDXL as separate files (UNet, CLIP-L, CLIP-G, VAE), written one tensor at a time ---------------------------
+# A full SDXL checkpoint loads as a 10 GB fp32 UNet on the CPU. As separate files it goes through the loaders users
+# pick on small machines: UNETLoader with weight_dtype fp8_e5m2 (2.6 GB in memory, computed in fp32 by ComfyUI's
+# manual cast; e5m2 casts to fp32 twice as fast as e4m3fn on the CPU), DualCLIPLoader type sdxl and VAELoader. The
+# writers stream each tensor to disk, so they never hold more than one tensor in fp32.
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+
+
+def write_safetensors_streaming(path: str, shapes: dict, make, dtype, metadata: dict | None = None):
+    """A .safetensors file of tensors `shapes` (name -> shape), each made by make(name, shape) (float32) and cast
+    to `dtype`, written one at a time (header first: its offsets follow from the shapes). Atomic."""
+    import json
+    import os
+    item = torch.empty((), dtype=dtype).element_size()
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        n = math.prod(shape) * item
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the format pads the header to 8 bytes
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(len(head).to_bytes(8, "little") + head)
+            for name, shape in shapes.items():
+                t = make(name, tuple(shape)).to(dtype).contiguous()
+                if tuple(t.shape) != tuple(shape):
+                    raise ValueError(f"{name}: made {tuple(t.shape)}, declared {tuple(shape)}")
+                f.write(t.view(torch.uint8).numpy().tobytes())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _random_tensor(name: str, shape: tuple, seed: int, embedding_std: float | None = None):
+    """randomize_'s rule for one tensor, seeded per tensor (so tensors can be made in any order): fan-in scaled
+    weights, zero biases, unit scales; embeddings get std `embedding_std` when given (as _tame_clip leaves them)."""
+    if len(shape) >= 2:
+        g = torch.Generator().manual_seed(seed)
+        std = embedding_std if embedding_std is not None and "embedding" in name else 1.0 / math.sqrt(math.prod(shape[1:]))
+        return torch.empty(shape).normal_(0.0, std, generator=g)
+    if name.split(".")[-1].endswith("bias"):
+        return torch.zeros(shape)
+    return torch.ones(shape)
+
+
+def write_sdxl_unet(path: str, seed: int = 0, dtype=torch.float8_e5m2):
+    """A random full-width SDXL UNet (ComfyUI's SDXL config: 320 channels, 2048 context, 2/10 transformers per
+    block, 2816 ADM inputs; 2.57 G parameters) in the diffusion_models layout UNETLoader reads. fp8 by default:
+    2.6 GB on disk and in memory when loaded with weight_dtype fp8_e5m2."""
+    shapes = {k: tuple(v.shape) for k, v in build_model("SDXL", device="meta").model.diffusion_model.state_dict().items()}
+    index = {k: i for i, k in enumerate(shapes)}
+    return write_safetensors_streaming(path, shapes, lambda n, s: _random_tensor(n, s, seed * 100003 + index[n]), dtype)
+
+
+def sdxl_text_encoder_shapes():
+    """{"l": {key: shape}, "g": {key: shape}}: SDXL's CLIP-L and CLIP-G as ComfyUI builds them (comfy.sdxl_clip,
+    on the meta device: no weights), in the key layout of standalone text encoder files."""
+    import comfy.sdxl_clip
+    with torch.device("meta"):
+        model = comfy.sdxl_clip.SDXLClipModel(device="meta", dtype=torch.float16)
+    return {part: {k: tuple(v.shape) for k, v in getattr(model, f"clip_{part}").transformer.state_dict().items()}
+            for part in ("l", "g")}
+
+
+def write_sdxl_text_encoders(path_l: str, path_g: str, seed: int = 0, dtype=torch.float16):
+    """Random CLIP-L and CLIP-G files (text_encoders folder) that DualCLIPLoader(type sdxl) loads; embeddings with
+    std 0.02 as _tame_clip leaves them, so random text features stay finite."""
+    for part, path, s in (("l", path_l, seed + 1), ("g", path_g, seed + 2)):
+        shapes = sdxl_text_encoder_shapes()[part]
+        index = {k: i for i, k in enumerate(shapes)}
+        write_safetensors_streaming(path, shapes, lambda n, sh, index=index, s=s: _random_tensor(
+            n, sh, s * 100003 + index[n], embedding_std=0.02), dtype)
+    return path_l, path_g
+
+
+def write_vae(path: str, seed: int = 0, dtype=torch.float16):
+    """A random SD-family VAE (SD1.5 and SDXL share the architecture) in the layout VAELoader reads. Atomic."""
+    import os
+    import comfy.utils
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    ae = randomize_(AutoencoderKL(ddconfig=VAE_DDCONFIG, embed_dim=4), seed)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    comfy.utils.save_torch_file({k: v.to(dtype).contiguous() for k, v in ae.state_dict().items()}, tmp)
+    os.replace(tmp, path)
+    return path

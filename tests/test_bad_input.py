@@ -31,9 +31,10 @@ def good(tmp_path_factory):
     IDFusionAdapter.fresh(model, init="random", seed=1).save(str(folder / "a.safetensors"))
     ident = random_identity(model, refs=2, tokens=(6,))
     ident.thumbnails = [torch.zeros(8, 8, 3, dtype=torch.uint8)] * 2
-    ident.save(str(folder / "i.safetensors"))
+    ident.save(str(folder / "i.safetensors"), with_h_f=True)   # format 1: h_f stored
+    ident.save(str(folder / "c.safetensors"))                  # format 2 (compact): latents only
     out = {}
-    for kind, name in (("adapter", "a"), ("identity", "i")):
+    for kind, name in (("adapter", "a"), ("identity", "i"), ("compact identity", "c")):
         with safe_open(str(folder / f"{name}.safetensors"), "pt") as f:
             out[kind] = ({k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata()))
     return out
@@ -210,6 +211,21 @@ IDENTITY = {
     "thumbnail_of_missing_reference": add("ref2.thumbnail", torch.zeros(8, 8, 3, dtype=torch.uint8)),
     "an_adapter_file": raw(lambda data: None),  # filled in by the test
 }
+COMPACT = {  # format 2: no h_f; the latents are what the reference pass will run on
+    **{k: v for k, v in COMMON.items() if not k.startswith("format_version")},
+    "format_version_newer": meta("format_version", "3"),
+    "references_more_than_stored": meta("references", "3"),
+    "latent_missing": drop("ref1.latent"),
+    "latent_nan": tensor_edit("ref0.latent", setval(float("nan"))),
+    "latent_side_beyond_4096_px": tensor_edit("ref0.latent", lambda x: torch.zeros(1, 4, 2, 600)),
+    "latent_int8": tensor_edit("ref1.latent", lambda x: x.to(torch.int8)),
+    "h_f_in_a_compact_file": add("ref0.input.1.0.h_f", torch.zeros(6, 32)),
+    "context_missing": drop("context"),
+    "context_inf": tensor_edit("context", setval(float("-inf"))),
+    "thumbnail_too_big": tensor_edit("ref1.thumbnail", lambda x: torch.zeros(3, 65, 3, dtype=torch.uint8)),
+    "an_adapter_file": raw(lambda data: None),
+}
+CORPUS = {"adapter": ADAPTER, "identity": IDENTITY, "compact identity": COMPACT}
 
 
 def _without_metadata(data: bytes) -> bytes:
@@ -224,7 +240,7 @@ def _without_metadata(data: bytes) -> bytes:
 def write_case(folder, kind, case, good):
     tensors, m = good[kind]
     tensors, m = dict(tensors), dict(m)
-    damage = (ADAPTER if kind == "adapter" else IDENTITY)[case]
+    damage = CORPUS[kind][case]
     path = folder / f"{case}.safetensors"
     if getattr(damage, "raw", False):
         save_file(tensors, str(path), metadata=m)
@@ -246,7 +262,7 @@ def load_through_node(kind, name):
     return NODES["IDFusionLoadIdentity"]().load(name)
 
 
-CASES = [("adapter", c) for c in ADAPTER] + [("identity", c) for c in IDENTITY]
+CASES = [(kind, c) for kind, cases in CORPUS.items() for c in cases]
 
 
 def test_the_corpus_is_large_enough():

@@ -46,6 +46,11 @@ def _adapters(models):
     IDFusionAdapter.fresh(sd15, init="zeros").save(path)
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
+    from helpers import random_identity   # identity files in both formats (format 2 is what Save Identity writes)
+    os.makedirs(os.path.join(d, "identities"))
+    ann = random_identity(sd15, refs=2, name="ann")
+    ann.save(os.path.join(d, "identities", "ann_compact.safetensors"))
+    ann.save(os.path.join(d, "identities", "ann_full.safetensors"), with_h_f=True)
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +109,9 @@ def test_file_info_route_reads_only_listed_files_headers(server):
     assert info["training_steps"] == {"done": 12, "planned": 20}, info
     code, info = file_info(server, "truncated.safetensors")  # tensors cut off: the header alone answers
     assert code == 200 and info["layers"] == 16, info
+    for name, h_f in (("identities/ann_compact.safetensors", "recomputed when applied"), ("identities/ann_full.safetensors", "stored")):
+        code, info = file_info(server, name)
+        assert code == 200 and info["references"] == 2 and info["identity_name"] == "ann" and info["h_f"] == h_f, info
     code, info = file_info(server, "lora_of_another_pack.safetensors")
     assert code == 422 and "not an IDFusion adapter" in info["error"], info
     # only names from the list: no paths, no files elsewhere, nothing without a name
@@ -115,13 +123,17 @@ def test_file_info_route_reads_only_listed_files_headers(server):
     assert code == 400, info
 
 
-def test_load_adapter_panel_shows_metadata_of_the_picked_file(page, screens):
+def loader_panel(page, class_type, inputs, title):
+    """A graph of one loader node (id 1) and its file-info panel once the server's answer is shown."""
     ui_browser.clear_toasts(page)
-    ui_browser.load_api(page, {"1": {"class_type": "IDFusionAdapterLoader", "inputs": {"adapter_name": "sd15_adapter.safetensors"},
-                                     "_meta": {"title": "IDFusion Load Adapter"}}}, "adapter_info")
+    ui_browser.load_api(page, {"1": {"class_type": class_type, "inputs": inputs, "_meta": {"title": title}}}, title)
     page.wait_for_function("() => app.graph.getNodeById(1).widgets.find((w) => w.name === 'idfusion_file_info')"
                            ".element.dataset.state === 'ok'", timeout=15_000)
-    p = panel(page, 1, "idfusion-file-info")
+    return panel(page, 1, "idfusion-file-info")
+
+
+def test_load_adapter_panel_shows_metadata_of_the_picked_file(page, screens):
+    p = loader_panel(page, "IDFusionAdapterLoader", {"adapter_name": "sd15_adapter.safetensors"}, "IDFusion Load Adapter")
     assert "family: SD15" in p["text"] and "layers: 16" in p["text"], p
     assert "encoded: cached, timestep 0, text zeros" in p["text"], p
     assert "training steps: not recorded" in p["text"], p
@@ -149,6 +161,11 @@ def test_load_adapter_panel_shows_metadata_of_the_picked_file(page, screens):
     prompt = ui_browser.graph_to_prompt(page)
     assert prompt["1"]["inputs"] == {"adapter_name": "lora_of_another_pack.safetensors"}, prompt
     assert ui_browser.serialize(page)["nodes"][0]["widgets_values"] == ["lora_of_another_pack.safetensors"]
+
+
+def test_load_identity_panel_says_whether_the_file_stores_h_f(page):
+    p = loader_panel(page, "IDFusionLoadIdentity", {"identity_name": "identities/ann_compact.safetensors"}, "IDFusion Load Identity")
+    assert "identity: ann   references: 2" in p["text"] and "h_f: recomputed when applied" in p["text"], p
 
 
 # ---- Face Evaluate: a score badge after a run ------------------------------------------------------------------

@@ -177,7 +177,7 @@ def test_adapter_file_roundtrip_and_loader_lists_only_adapters(sd15, idfusion_di
 
 def test_identity_save_load_roundtrip_stays_in_models_folder(sd15, idfusion_dir):
     identity = random_identity(sd15, refs=2)
-    out = node("IDFusionSaveIdentity")(identity, "ann")
+    out = node("IDFusionSaveIdentity")(identity, "ann", "h_f (large, format 1)")
     path = out["ui"]["text"][0]
     assert os.path.dirname(path) == str(idfusion_dir / "identities")
     names = NODES["IDFusionLoadIdentity"].INPUT_TYPES()["required"]["identity_name"][0]
@@ -185,6 +185,10 @@ def test_identity_save_load_roundtrip_stays_in_models_folder(sd15, idfusion_dir)
     loaded, = node("IDFusionLoadIdentity")(names[0])["result"]
     assert loaded.references == 2
     assert torch.equal(loaded.h_f[1][loaded.layers[3].name], identity.h_f[1][identity.layers[3].name])
+    compact = node("IDFusionSaveIdentity")(identity, "ann")["ui"]["text"][0]  # the default: format 2, no h_f
+    loaded, = node("IDFusionLoadIdentity")("identities/" + os.path.basename(compact))["result"]
+    assert loaded.references == 2 and loaded.h_f == [None, None] and torch.equal(loaded.context, identity.context)
+    assert os.path.getsize(compact) < os.path.getsize(path)
     for bad in ("../escape", "a/b", "/abs", "ok\n", "a.b", "x" * 101, "\x1b[31m"):
         with pytest.raises(ValueError, match="filename_prefix"):
             node("IDFusionSaveIdentity")(identity, bad)

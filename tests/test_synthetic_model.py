@@ -208,3 +208,26 @@ def test_core_vae_and_advanced_sampler_nodes(server):
     two["3"]["inputs"]["image"], two["5"]["inputs"]["image"] = names
     pic = outputs(server, server.wait(server.queue(two), timeout=300))["two_identities"]
     assert pic.size == (128, 64)
+
+
+@pytest.mark.e2e
+def test_a_saved_compact_identity_gives_the_encoded_identitys_image_through_the_server(server):
+    """Save Identity writes format 2 (no h_f) by default; a later prompt that loads it instead of encoding the
+    reference gets the same picture, pixel for pixel: the Apply node recomputed h_f through the same model."""
+    ref = server.upload_image(os.path.join(REFERENCES, listing()[2]["file"]))
+    first = comfy_server.load_workflow(ONE)
+    first["3"]["inputs"]["image"] = ref
+    first["11"]["inputs"]["filename_prefix"] = "compact/encoded"
+    first["30"] = {"class_type": "IDFusionSaveIdentity", "inputs": {"identity": ["4", 0], "filename_prefix": "shared_face"}}
+    entry = server.wait(server.queue(first), timeout=300)
+    saved = entry["outputs"]["30"]["text"][0]
+    assert os.path.dirname(saved) == os.path.join(server.dir("models"), "idfusion", "identities"), saved
+    info = server.get_json("/api/idfusion/file_info?name=identities/" + os.path.basename(saved))
+    assert info["format_version"] == "2" and info["h_f"] == "recomputed when applied", info
+    second = {k: copy.deepcopy(v) for k, v in first.items() if k not in ("3", "4", "30", "12", "13", "14")}
+    second["4"] = {"class_type": "IDFusionLoadIdentity", "inputs": {"identity_name": "identities/" + os.path.basename(saved)}}
+    second["11"]["inputs"]["filename_prefix"] = "compact/loaded"
+    got = {**outputs(server, entry), **outputs(server, server.wait(server.queue(second), timeout=300))}
+    encoded, loaded = (np.asarray(got[k], dtype=np.int16) for k in ("encoded", "loaded"))  # keyed by file name
+    assert np.array_equal(encoded, loaded), np.abs(encoded - loaded).max()
+    assert np.abs(encoded - np.asarray(got["without_identity"], dtype=np.int16)).mean() > 5
