@@ -175,3 +175,17 @@ def screens(tmp_path_factory):
         for d in dirs:
             ui_browser.screenshot(page, os.path.join(d, name + ".png"))
     return save
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's chromium driven by Playwright (scripts/ui_browser.py), one per test module."""
+    import ui_browser
+    with ui_browser.Browser() as b:
+        yield b
+
+
+@pytest.fixture(scope="module")
+def page(browser, server):
+    """The stock frontend of the module's own `server` fixture, open in that browser."""
+    return browser.open(server.url)

@@ -72,17 +72,6 @@ def server(tmp_path_factory):
         yield srv
 
 
-@pytest.fixture(scope="module")
-def browser():
-    with ui_browser.Browser() as b:
-        yield b
-
-
-@pytest.fixture(scope="module")
-def page(browser, server):
-    return browser.open(server.url)
-
-
 def panel(page, node_id, cls):
     return page.evaluate("([id, cls]) => { const n = app.graph.getNodeById(id);"
                          " const el = n.widgets.find((w) => w.element?.classList.contains(cls))?.element;"

@@ -48,17 +48,6 @@ def object_info(server):
     return server.object_info()
 
 
-@pytest.fixture(scope="module")
-def browser():
-    with ui_browser.Browser() as b:
-        yield b
-
-
-@pytest.fixture(scope="module")
-def page(browser, server):
-    return browser.open(server.url)
-
-
 def test_every_ui_workflow_has_an_api_twin_and_templates_are_only_ui_files(server):
     assert set(UI_FILES) >= {"idfusion_basic", "idfusion_multi_identity", "idfusion_face_repaint",
                              "idfusion_face_benchmark", "idfusion_training"}, UI_FILES
