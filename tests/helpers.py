@@ -102,3 +102,20 @@ def make_face_dataset(root):
         mask.save(root / who / f"{who}0_mask.png")
     (root / "ann" / "broken.png").write_bytes(b"not a png")
     return root
+
+
+def attn2_recorder():
+    """ComfyUI's attn2_patch + attn2_output_patch recording, per layer key (block, number, index), what attn2 received
+    as its query input ("n"), that layer's token grid ("hw") and attn2's output ("out").
+    Returns (seen, patches): patches goes into transformer_options["patches"]."""
+    seen = {}
+
+    def grab_in(n, c, v, extra):
+        seen[(extra["block"][0], extra["block"][1], extra["block_index"])] = {"n": n.clone(), "hw": extra["activations_shape"][-2:]}
+        return n, c, v
+
+    def grab_out(n, extra):
+        seen[(extra["block"][0], extra["block"][1], extra["block_index"])]["out"] = n.clone()
+        return n
+
+    return seen, {"attn2_patch": [grab_in], "attn2_output_patch": [grab_out]}

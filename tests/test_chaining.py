@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import random_models
-from helpers import fused_attention_reference, random_identity
+from helpers import attn2_recorder, fused_attention_reference, random_identity
 from random_models import sampler_transformer_options
 from idfusion_pack.idfusion.adapter import AdapterError, IDFusionAdapter, attn2_modules, find_layers
 from idfusion_pack.idfusion.patch import BlockPatches, Entry, Fusion, LayerPatch, install
@@ -98,21 +98,12 @@ def apply_foreign(model, spec, weight=0.8, window=(1e9, 0.0)):
 # ---- running and the float64 reference ---------------------------------------------------------------------------
 def run(model, x, context, chunks, y=None):
     """One UNet evaluation as ComfyUI's sampler makes it, capturing every attn2's input and output."""
-    seen = {}
-
-    def grab_in(n, c, v, extra):
-        seen[(extra["block"][0], extra["block"][1], extra["block_index"])] = {"n": n.clone(), "hw": extra["activations_shape"][-2:]}
-        return n, c, v
-
-    def grab_out(n, extra):
-        seen[(extra["block"][0], extra["block"][1], extra["block_index"])]["out"] = n.clone()
-        return n
-
+    seen, patches = attn2_recorder()
     to = sampler_transformer_options(model, chunks)
     rows = x.shape[0] // len(chunks)
     to["sigmas"] = torch.full((rows,), SIGMA)
     to["uuids"] = [f"chunk{i}" for i in range(len(chunks))]
-    to["patches"] = {"attn2_patch": [grab_in], "attn2_output_patch": [grab_out]}
+    to["patches"] = patches
     kwargs = {"y": y} if y is not None else {}
     with torch.inference_mode():
         model.model.apply_model(x, torch.full((x.shape[0],), SIGMA), c_crossattn=context, transformer_options=to, **kwargs)

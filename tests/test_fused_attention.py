@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import fused_attention_reference, random_identity
+from helpers import attn2_recorder, fused_attention_reference, random_identity
 from random_models import sampler_transformer_options
 from idfusion_pack.idfusion.adapter import IDFusionAdapter, attn2_modules
 from idfusion_pack.idfusion.patch import Entry, Fusion, install
@@ -12,18 +12,9 @@ from idfusion_pack.idfusion.patch import Entry, Fusion, install
 def run_capturing(model_patcher, x, context, cond_or_uncond):
     """One UNet evaluation with the patched model's transformer_options (as ComfyUI's sampler builds them),
     capturing every attn2's query input and output."""
-    seen = {}
-
-    def grab_in(n, c, v, extra):
-        seen[(extra["block"][0], extra["block"][1], extra["block_index"])] = {"n": n.clone(), "hw": extra["activations_shape"][-2:]}
-        return n, c, v
-
-    def grab_out(n, extra):
-        seen[(extra["block"][0], extra["block"][1], extra["block_index"])]["out"] = n.clone()
-        return n
-
+    seen, patches = attn2_recorder()
     to = sampler_transformer_options(model_patcher, cond_or_uncond)
-    to["patches"] = {"attn2_patch": [grab_in], "attn2_output_patch": [grab_out]}
+    to["patches"] = patches
     sigma = torch.full((x.shape[0],), 2.0)
     with torch.no_grad():
         model_patcher.model.apply_model(x, sigma, c_crossattn=context, transformer_options=to)
