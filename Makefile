@@ -1,13 +1,14 @@
 # Two commands do everything on a fresh machine:
 #   make demo   - set up the pinned host, show identity transfer on the pack's own trained model through a real
-#                 ComfyUI server (contact sheet + what the classifier sees; under 2 minutes after setup)
+#                 ComfyUI server (contact sheet + each picture's measured errors against its reference; under 2 minutes
+#                 after setup)
 #   make test   - set up both pinned hosts and run the tests (full suite on 0.3.75, node tests on 0.3.52)
 HOST ?= 0.3.75
 OLD_HOST ?= 0.3.52
 py = .hosts/$(1)/venv/bin/python
 comfy = $(CURDIR)/.hosts/$(1)/ComfyUI
 
-.PHONY: setup demo demo-sd15 test test-main test-old bench synthetic clean
+.PHONY: setup demo demo-sd15 test test-main test-old bench synthetic synthetic-token-budget clean
 setup:
 	bash scripts/setup_host.sh $(HOST)
 
@@ -33,16 +34,22 @@ test-old:
 	COMFYUI_PATH=$(call comfy,$(OLD_HOST)) $(call py,$(OLD_HOST)) -m pytest -q -p no:cacheprovider \
 	  tests/test_nodes.py tests/test_fused_attention.py tests/test_faces.py tests/test_face_benchmark.py tests/test_server_e2e.py \
 	  tests/test_synthetic_model.py tests/test_bad_input.py tests/test_train_server.py tests/test_identity_files.py tests/test_sdxl_e2e.py \
-	  tests/test_token_budget.py tests/test_block_weights.py; \
+	  tests/test_token_budget.py tests/test_block_weights.py tests/test_flux_nodes.py tests/test_metrics.py \
+	  tests/test_hostile_inputs.py tests/test_hostile_server.py tests/test_parsers_property.py; \
 	  rc=$$?; [ $$rc -eq 5 ] && echo "pytest collected no tests" >&2; exit $$rc
 
 # speed: IDFusion step cost vs the plain UNet (CPU small config; see benchmarks/README.md for GPU)
 bench: setup
 	COMFYUI_PATH=$(call comfy,$(HOST)) $(call py,$(HOST)) benchmarks/bench_unet.py
 
-# rebuild the shipped model (models/) and its report (docs/synthetic/) from scratch: about 30 min on 2 cores (31 min measured, docs/synthetic_identity.md)
+# rebuild the shipped model (models/), its example references and its report (docs/synthetic/) from scratch; measured
+# times are in models/README.md
 synthetic: setup
 	COMFYUI_PATH=$(call comfy,$(HOST)) $(call py,$(HOST)) benchmarks/synthetic/run.py --scale cpu
+
+# after `make synthetic`: an adapter trained with pooled reference tokens, compared on the same pictures (report section 5)
+synthetic-token-budget: setup
+	COMFYUI_PATH=$(call comfy,$(HOST)) $(call py,$(HOST)) benchmarks/synthetic/run.py --scale cpu --stage token-budget
 
 clean:
 	rm -rf .hosts

@@ -61,7 +61,7 @@ def make_jobs(kind, workflow, info, n, start):
 
 def timed_batch(workflow, jobs, clients, out):
     errors = []
-    runner = batch.Runner(workflow, jobs, clients, collector=batch.download_outputs(out),
+    runner = batch.Runner(workflow, jobs, clients, collector=batch.download_outputs(out, workflow),
                           on_record=lambda job, rec: rec["error"] and errors.append(rec["error"]),
                           progress=batch.Progress(len(jobs), quiet=True))
     t = time.perf_counter()

@@ -192,14 +192,18 @@ def main():
     ctx1, y1, _ = text_condition(model)
     enc, fwd = [], []
     for r in range(0 if args.no_encoding else args.repeats + args.warmup):
-        sync(); t0 = time.perf_counter()
+        sync()
+        t0 = time.perf_counter()
         run_reference_pass(base, dev, x1, reference_sigma(model, 0), ctx1.to(dtype), None if y1 is None else y1.to(dtype))
-        sync(); t1 = time.perf_counter()
+        sync()
+        t1 = time.perf_counter()
         with torch.no_grad():
             base.apply_model(x1, torch.ones(1, device=dev), c_crossattn=ctx1.to(dev, dtype), **({"y": y1.to(dev, dtype)} if y1 is not None else {}))
-        sync(); t2 = time.perf_counter()
+        sync()
+        t2 = time.perf_counter()
         if r >= args.warmup:
-            enc.append(t1 - t0); fwd.append(t2 - t1)
+            enc.append(t1 - t0)
+            fwd.append(t2 - t1)
 
     def kv_bytes(fusion_):
         return sum(t.numel() * t.element_size() for kv in fusion_._kv.values() for pair in kv for t in pair)

@@ -185,7 +185,7 @@ def check_layers(layers: list[Layer], family: str, model_patcher, what: str, lab
     if layers == model_layers:
         return
     model_fam = model_family(model_patcher)
-    label = f" '{label}'" if label else ""
+    label = f" {label}" if label else ""  # already quoted by the caller (an identity's name and file)
     if len(layers) != len(model_layers):
         raise AdapterError(f"{what}{label} was made for {family} ({len(layers)} layers) but the model is {model_fam} "
                            f"({len(model_layers)} layers): pick a {model_fam} {what.lower()} or a {family} checkpoint.")
@@ -222,8 +222,9 @@ def read_safetensors(path: str, expected_format: str, what: str):
 MAX_WEIGHT = 1e4         # trained Linear_kf/Linear_vf weights are O(0.01..1); far beyond this means a broken file
 MAX_DIM = 1 << 16        # widest channel count accepted in metadata (SDXL's is 1280)
 MAX_LAYERS = 1024        # SDXL has 70 attn2 layers
+MAX_META_FIELD = 1 << 20  # one JSON metadata entry, in characters (SDXL's 70-layer list is ~6 KB)
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
-_BLOCKS = ("input", "middle", "output")
+_BLOCKS = ("input", "middle", "output", "double", "single")  # UNet attn2 layers; Flux DiT blocks (patch_flux.py)
 
 
 class _Bad(Exception):
@@ -254,10 +255,14 @@ def _json_field(text, field: str, optional: bool = False):
         if optional:
             return None
         raise _Bad(f"its metadata has no '{field}' entry")
+    if not isinstance(text, str) or len(text) > MAX_META_FIELD:
+        raise _Bad(f"its '{field}' metadata is not a JSON text of at most {MAX_META_FIELD} characters")
     try:
         return json.loads(text)
+    except RecursionError:  # json.loads recurses once per level: '[[[[...' 100000 deep
+        raise _Bad(f"its '{field}' metadata is JSON nested too deep") from None
     except (TypeError, ValueError) as e:
-        raise _Bad(f"its '{field}' metadata is not valid JSON ({e})") from None
+        raise _Bad(f"its '{field}' metadata is not valid JSON ({str(e)[:200]})") from None
 
 
 def parse_layers(text) -> list[Layer]:
@@ -273,7 +278,7 @@ def parse_layers(text) -> list[Layer]:
         key = d["key"]
         if not (isinstance(key, list) and len(key) == 3 and key[0] in _BLOCKS and _is_int(key[1]) and _is_int(key[2])
                 and 0 <= key[1] < 1000 and 0 <= key[2] < 1000):
-            raise _Bad(f"layer {i} has key {key!r}; expected [input|middle|output, block number, transformer index]")
+            raise _Bad(f"layer {i} has key {key!r}; expected [input|middle|output, block number, transformer index] or [double|single, block number, 0]")
         for f in ("channels", "inner", "heads"):
             if not _is_int(d[f]) or not 1 <= d[f] <= MAX_DIM:
                 raise _Bad(f"layer {key} has {f}={d[f]!r}; expected a whole number from 1 to {MAX_DIM}")

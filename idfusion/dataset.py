@@ -7,7 +7,8 @@
 
 With identity subfolders, a sample's reference is another image of the same identity (when it has one);
 otherwise the reference is the sample's own face region (its mask's box, else a centre crop), augmented.
-Unreadable files are skipped and counted, never fatal.
+Unreadable files (corrupt, not an image, a decompression bomb) are skipped, never fatal; `skipped` / `skip_reasons`
+say which and why, and the Train node shows them. 16-bit and float images are scaled to 8 bits, not clipped.
 """
 from __future__ import annotations
 
@@ -21,6 +22,47 @@ from PIL import Image, ImageOps
 
 log = logging.getLogger("IDFusion")
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+# Pixels one training image may declare, checked on its header before it is decoded: 8192x8192 (~200 MB as RGB).
+# Pillow's own bomb check refuses only beyond 179 M pixels and merely warns from 89 M; training crops to <= 2048 px.
+MAX_PIXELS = 8192 * 8192
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow mode as 8-bit RGB with its tones kept. Pillow's convert("RGB") clips 16-bit and 32-bit greyscale
+    (I;16, I) at 255, which turned a 16-bit PNG almost all white; those are scaled instead (0..65535 -> 0..255), and
+    float images (F) read as 0..1 when they stay in it, else 0..255."""
+    mode = im.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        if mode == "F":
+            a = a * 255.0 if np.nanmax(a, initial=0.0) <= 1.0 else a
+        elif mode.startswith("I;16") or np.max(a, initial=0) > 255:  # "I" holding 16-bit samples (some decoders)
+            a = a / 257.0
+        a = np.nan_to_num(a, nan=0.0, posinf=255.0, neginf=0.0)
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
+    return im.convert("RGB")
+
+
+def to_l(im: Image.Image) -> Image.Image:
+    """A mask in any mode as 8-bit greyscale (16-bit masks scaled, as to_rgb does)."""
+    return to_rgb(im).convert("L") if im.mode.startswith("I;16") or im.mode in ("I", "F") else im.convert("L")
+
+
+def check_image(path: str) -> str | None:
+    """None when the file decodes to an image training can use, else why not (for the skipped-files report)."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > MAX_PIXELS:
+                return f"{w}x{h} pixels, more than the {MAX_PIXELS // 1_000_000} M pixels a training image may have"
+            im.load()
+            to_rgb(im)
+        return None
+    except Image.DecompressionBombError:
+        return "a decompression bomb (Pillow refused its declared size)"
+    except Exception as e:  # Pillow raises many types for corrupt or truncated files
+        what = "not a readable image" if isinstance(e, Image.UnidentifiedImageError) else f"{type(e).__name__}: {e}"
+        return what[:200]
 
 
 @dataclass
@@ -39,37 +81,45 @@ class FaceDataset:
         self.reference_resolution = reference_resolution or resolution
         self.samples: list[Sample] = []
         self.skipped: list[str] = []
+        self.skip_reasons: dict[str, str] = {}  # path -> why it was skipped
         for dirpath, _, files in sorted(os.walk(root)):
             for f in sorted(files):
                 stem, ext = os.path.splitext(f)
                 if ext.lower() not in IMAGE_EXTS or stem.endswith("_mask"):
                     continue
                 path = os.path.join(dirpath, f)
-                if not self._readable(path):
+                problem = check_image(path)
+                if problem:
                     self.skipped.append(path)
+                    self.skip_reasons[path] = problem
                     continue
                 cap_path = os.path.join(dirpath, stem + ".txt")
                 caption = open(cap_path, encoding="utf-8", errors="replace").read().strip() if os.path.isfile(cap_path) else ""
                 masks = [os.path.join(dirpath, stem + "_mask" + e) for e in (".png", ".jpg")]
-                mask = next((m for m in masks if os.path.isfile(m) and self._readable(m)), None)
+                mask = None
+                for m in (m for m in masks if os.path.isfile(m)):
+                    problem = check_image(m)
+                    if problem is None:
+                        mask = m
+                        break
+                    self.skipped.append(m)
+                    self.skip_reasons[m] = f"mask: {problem}"
                 identity = os.path.relpath(dirpath, root)
                 self.samples.append(Sample(path, caption, identity, mask))
         if self.skipped:
-            log.warning("IDFusion training: skipped %d unreadable file(s), e.g. %s", len(self.skipped), self.skipped[0])
+            log.warning("IDFusion training: skipped %d file(s): %s", len(self.skipped), "; ".join(self.skipped_report(5)))
         if not self.samples:
             raise ValueError(f"Training dataset folder '{root}' has no readable images ({len(self.skipped)} skipped).")
         self.by_identity: dict[str, list[int]] = {}
         for i, s in enumerate(self.samples):
             self.by_identity.setdefault(s.identity, []).append(i)
 
-    @staticmethod
-    def _readable(path: str) -> bool:
-        try:
-            with Image.open(path) as im:
-                im.load()
-            return True
-        except Exception:
-            return False
+    def skipped_report(self, limit: int = 20) -> list[str]:
+        """One line per skipped file (path relative to the dataset, and why), at most `limit` plus a count."""
+        lines = [f"{os.path.relpath(p, self.root)}: {self.skip_reasons.get(p, 'unreadable')}" for p in self.skipped[:limit]]
+        if len(self.skipped) > limit:
+            lines.append(f"... and {len(self.skipped) - limit} more")
+        return lines
 
     def __len__(self):
         return len(self.samples)
@@ -81,16 +131,16 @@ class FaceDataset:
         """image (H, W, 3) float in [0, 1], caption, mask (H, W) or None, reference (h, w, 3)."""
         s = self.samples[index]
         with Image.open(s.image) as im:
-            image = self._square(ImageOps.exif_transpose(im).convert("RGB"), self.resolution)
+            image = self._square(to_rgb(ImageOps.exif_transpose(im)), self.resolution)
         mask = None
         if s.mask:
             with Image.open(s.mask) as m:
-                mask = self._square(m.convert("L"), self.resolution)
+                mask = self._square(to_l(m), self.resolution)
         others = [i for i in self.by_identity[s.identity] if i != index] if s.identity != "." else []
         if others and not same_image_reference:
             j = others[int(torch.randint(len(others), (1,), generator=generator))]
             with Image.open(self.samples[j].image) as im:
-                reference = self._square(ImageOps.exif_transpose(im).convert("RGB"), self.reference_resolution)
+                reference = self._square(to_rgb(ImageOps.exif_transpose(im)), self.reference_resolution)
         else:
             reference = self._face_crop(image, mask, generator)
         to = lambda im: torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)

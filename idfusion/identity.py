@@ -16,15 +16,22 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .adapter import (AdapterError, FLOAT_DTYPES, FileProblem, Layer, check_layers, check_tensor_headers,
-                      check_values, find_layers, model_family, parse_encoding, parse_family, parse_layers,
-                      read_header, read_tensors, save_safetensors_atomic)
+from .adapter import (AdapterError, FLOAT_DTYPES, FileProblem, Layer, _Bad, attn2_modules, check_layers,
+                      check_tensor_headers, check_values, find_layers, model_family, parse_encoding, parse_family,
+                      parse_layers, read_header, read_tensors, save_safetensors_atomic)
 
 IDENTITY_FORMAT = "idfusion.identity"
 WITH_H_F, COMPACT = 1, 2  # identity format versions: h_f stored / only what recomputes it
 THUMBNAIL = 64            # longest side of the reference thumbnail kept in the file, in pixels
 MAX_REFERENCES = 256
 MAX_LATENT_SIDE = 512     # a 4096 px reference for SD-style VAEs; bounds the reference pass a file can ask for
+# The reference pass's cost is decided by the latent's positions: self-attention at the highest-resolution layers
+# grows with their square. 128x128 = 16384 positions is SDXL's native 1024 px reference (and 1024 px for SD1.5),
+# the largest a supported family encodes at its own resolution; a 256x256 latent costs 16x that in attention
+# (measured in tests/test_hostile_inputs.py's notes and the README's Security model).
+MAX_LATENT_TOKENS = 128 * 128
+MAX_TOTAL_TOKENS = 4 * MAX_LATENT_TOKENS  # all references of one identity: keys at every layer, every step
+MAX_CONTEXT_TOKENS = 77 * 32              # the reference pass's text (ComfyUI's long prompts are 77-token chunks)
 MAX_ACTIVATION = 1e6      # |h_f|, context and latents of a real model stay far below this (fp16 tops out at 65504)
 
 
@@ -45,6 +52,12 @@ class Identity:
     thumbnails: list = field(default_factory=list)
     # identities with h_f computed by for_model: [(weakref to the BaseModel, its weight patches' uuid, Identity)]
     _computed: list = field(default_factory=list, repr=False, compare=False)
+    source: str = ""                    # the file it was loaded from (for messages), "" when encoded in this run
+
+    @property
+    def label(self) -> str:
+        """How messages name it: its name, and its file when it came from one."""
+        return f"'{self.name}'" + (f" (file '{self.source}')" if self.source else "")
 
     def thumbnail(self, r: int):
         return self.thumbnails[r] if r < len(self.thumbnails) else None
@@ -53,8 +66,13 @@ class Identity:
     def references(self) -> int:
         return len(self.latents)
 
-    def check_model(self, model_patcher):
-        check_layers(self.layers, self.family, model_patcher, "Identity", self.name)
+    def check_model(self, model_patcher, mode: str | None = None):
+        """Raise a clear AdapterError naming the identity and its file unless it fits the model: its layers, and when a
+        reference pass will run (a compact file, or per_step mode) the pass's inputs: latent channels and size, the
+        text context's width and the ADM vector y. Cheap: shapes only, before any pass or allocation."""
+        check_layers(self.layers, self.family, model_patcher, "Identity", self.label)
+        if mode == "per_step" or any(h is None for h in self.h_f):
+            check_reference_pass(self, model_patcher, per_step=(mode == "per_step"))
 
     def for_model(self, model_patcher) -> "Identity":
         """This identity with h_f for every reference. A reference loaded without h_f (format 2) gets it from one
@@ -70,17 +88,12 @@ class Identity:
                 return done
         self.check_model(model_patcher)
         base = model_patcher.model
-        channels = getattr(base.diffusion_model, "in_channels", None)
-        for r in missing:
-            if channels is not None and self.latents[r].shape[1] != channels:
-                raise AdapterError(f"Identity '{self.name}': reference {r + 1}'s latent has {self.latents[r].shape[1]} "
-                                   f"channels but this model's UNet takes {channels}; encode the reference again with this model.")
         sigma = reference_sigma(model_patcher, self.encoding.get("timestep", 0))
         h_f = list(self.h_f)
         for r in missing:
             h_f[r] = reference_h_f(model_patcher, self.layers, self.latents[r], sigma, self.context, self.y)
         done = Identity(self.layers, self.family, self.encoding, h_f, self.latents, self.context, self.y, self.name,
-                        thumbnails=self.thumbnails)
+                        thumbnails=self.thumbnails, source=self.source)
         self._computed = [e for e in self._computed if e[0]() is not None][-1:] + [(weakref.ref(base), uuid, done)]
         return done
 
@@ -123,7 +136,7 @@ class Identity:
         name = meta.get("name", os.path.splitext(fname)[0])
         if not name or len(name) > 200 or not name.isprintable():
             raise bad.error("its 'name' metadata is empty, too long or has control characters")
-        bad.check(check_tensor_headers, shapes, *_identity_spec(shapes, layers, n, stores_h_f))
+        bad.check(lambda: check_tensor_headers(shapes, *_identity_spec(shapes, layers, n, stores_h_f)))
         tensors = {}
         for k, t in read_tensors(path, list(shapes), "identity"):
             bad.check(check_values, k, t, MAX_ACTIVATION)
@@ -133,7 +146,7 @@ class Identity:
         thumbs = [tensors.get(f"ref{r}.thumbnail") for r in range(n)]
         return cls(layers, family, encoding, h_f, latents, tensors["context"].float(),
                    tensors["y"].float() if "y" in tensors else None, name,
-                   thumbnails=thumbs if any(t is not None for t in thumbs) else [])
+                   thumbnails=thumbs if any(t is not None for t in thumbs) else [], source=fname)
 
 
 def _h_f_key(r: int, layer: Layer) -> str:
@@ -145,16 +158,27 @@ def _identity_spec(shapes: dict, layers: list[Layer], n: int, stores_h_f: bool =
     def rank(k):
         return lambda s: None if len(s) == k and all(d >= 1 for d in s) and s[0] == 1 else f"expected (1, ...) with {k} dimensions"
 
+    def context_shape(s):
+        problem = rank(3)(s)
+        return problem or (None if s[1] <= MAX_CONTEXT_TOKENS else f"expected at most {MAX_CONTEXT_TOKENS} text tokens")
+
     def latent_shape(s):
         if len(s) != 4 or s[0] != 1 or min(s) < 1:
             return "expected (1, channels, height, width)"
-        return None if max(s[2:]) <= MAX_LATENT_SIDE else f"expected height and width of at most {MAX_LATENT_SIDE}"
+        if max(s[2:]) > MAX_LATENT_SIDE:
+            return f"expected height and width of at most {MAX_LATENT_SIDE}"
+        return None if s[2] * s[3] <= MAX_LATENT_TOKENS else \
+            f"{s[2] * s[3]} latent positions, more than the {MAX_LATENT_TOKENS} (128x128, a 1024 px reference) a reference pass may take"
 
     def thumb(s):
         ok = len(s) == 3 and s[2] == 3 and 1 <= s[0] <= THUMBNAIL and 1 <= s[1] <= THUMBNAIL
         return None if ok else f"expected (h, w, 3) with h, w at most {THUMBNAIL}"
 
-    expected = {"context": (rank(3), FLOAT_DTYPES)}
+    total = sum(_positions(shapes.get(f"ref{r}.latent", ((),))[0]) for r in range(n))
+    if total > MAX_TOTAL_TOKENS:
+        raise _Bad(f"its {n} references hold {total} latent positions together, more than the {MAX_TOTAL_TOKENS} one "
+                   f"identity may attend to at every layer and step")
+    expected = {"context": (context_shape, FLOAT_DTYPES)}
     optional = {"y": (rank(2), FLOAT_DTYPES)}
     for r in range(n):
         latent = shapes.get(f"ref{r}.latent", ((),))[0]
@@ -168,6 +192,52 @@ def _identity_spec(shapes: dict, layers: list[Layer], n: int, stores_h_f: bool =
             expected[_h_f_key(r, l)] = (h_f, FLOAT_DTYPES)
         optional[f"ref{r}.thumbnail"] = (thumb, {"U8"})
     return expected, optional
+
+
+def _positions(shape) -> int:
+    """Latent positions (height x width) of a (1, c, h, w) shape; 0 for any other shape (refused elsewhere)."""
+    return int(shape[2]) * int(shape[3]) if len(shape) == 4 else 0
+
+
+def context_width(model_patcher):
+    """The width of the text context the model's attn2 layers take (to_k's input), read off the model."""
+    for _, module in attn2_modules(model_patcher.model.diffusion_model).values():
+        return module.to_k.in_features
+    return None
+
+
+def check_reference_pass(identity: "Identity", model_patcher, per_step: bool = False):
+    """The inputs of this identity's reference pass against the model, before the pass: a mismatch here is otherwise
+    a raw 'mat1 and mat2 shapes cannot be multiplied' or ComfyUI's AssertionError deep inside the UNet."""
+    who = f"Identity {identity.label}"
+    fix = "encode the reference again with this model (IDFusion Encode Reference Face), or pick an identity made for it"
+    base = model_patcher.model
+    channels = getattr(base.diffusion_model, "in_channels", None)
+    for r, lat in enumerate(identity.latents):
+        if lat.ndim != 4 or (channels is not None and lat.shape[1] != channels):
+            raise AdapterError(f"{who}: reference {r + 1}'s latent has {lat.shape[1] if lat.ndim == 4 else '?'} channels "
+                               f"(shape {tuple(lat.shape)}) but this model's UNet takes {channels}; {fix}.")
+        if _positions(lat.shape) > MAX_LATENT_TOKENS:
+            raise AdapterError(f"{who}: reference {r + 1}'s latent is {lat.shape[3]}x{lat.shape[2]}, more than the "
+                               f"{MAX_LATENT_TOKENS} positions (128x128, a 1024 px reference) a reference pass may take; "
+                               f"encode a smaller crop of the face.")
+    if per_step and len({tuple(lat.shape) for lat in identity.latents}) > 1:
+        raise AdapterError(f"{who}: its references have different latent sizes "
+                           f"({', '.join(str(tuple(lat.shape[2:])) for lat in identity.latents)}), which per_step mode cannot "
+                           f"encode as one batch; use mode cached, or encode the references at one size.")
+    width = context_width(model_patcher)
+    ctx = identity.context
+    if ctx.ndim != 3 or (width is not None and ctx.shape[-1] != width):
+        raise AdapterError(f"{who}: its text context has shape {tuple(ctx.shape)} but this model's cross-attention takes "
+                           f"{width}-wide text; it was encoded with another model family: {fix}.")
+    adm = getattr(base, "adm_channels", 0) or 0
+    if identity.y is not None and not adm:
+        raise AdapterError(f"{who}: it holds an ADM vector y (the pooled text of SDXL-style models) but this model takes "
+                           f"none; {fix}.")
+    if adm and (identity.y is None or identity.y.ndim != 2 or identity.y.shape[-1] != adm):
+        got = "none" if identity.y is None else f"shape {tuple(identity.y.shape)}"
+        raise AdapterError(f"{who}: this model needs an ADM vector y of width {adm} for the reference pass, the file has "
+                           f"{got}; {fix}.")
 
 
 def thumbnail(image: torch.Tensor, size: int = THUMBNAIL) -> torch.Tensor:
@@ -191,21 +261,50 @@ def merge(identities: list[Identity], name: str | None = None) -> Identity:
     thumbs = [i.thumbnail(r) for i in identities for r in range(i.references)]  # both sets, aligned with references
     return Identity(first.layers, first.family, first.encoding, [h for i in identities for h in i.h_f],
                     [x for i in identities for x in i.latents], first.context, first.y, name or first.name,
-                    thumbnails=thumbs if any(t is not None for t in thumbs) else [])
+                    thumbnails=thumbs if any(t is not None for t in thumbs) else [],
+                    source=" + ".join(dict.fromkeys(i.source for i in identities if i.source)))
 
 
 # ---- the reference pass ------------------------------------------------------------------------
 class _Recorder:
-    """attn2_patch that records the tensor attn2 receives as its query input (after norm2): h_f."""
+    """attn2_patch that records the tensor attn2 receives as its query input (after norm2): h_f. It also lets Cancel
+    stop a long pass between layers: ComfyUI's interrupt is otherwise only seen between sampler steps."""
 
     def __init__(self):
         self.h_f = {}
 
     def __call__(self, n, context_attn2, value_attn2, extra_options):
+        import comfy.model_management
+        comfy.model_management.throw_exception_if_processing_interrupted()
         block = extra_options.get("block")
         if block is not None:
             self.h_f[(block[0], block[1], extra_options.get("block_index", 0))] = n
         return n, context_attn2, value_attn2
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+# Self-attention logits one uninterruptible call may compute: a 64x64 latent's top layer (a 512 px SD1.5 reference).
+# Beyond it (up to the 128x128 bound) one attn1 call took 12-15 s on a 2-core CPU (synthetic model, sub-quadratic
+# attention), so Cancel waited that long; in query chunks of this size it is checked about every second.
+CHUNK_LOGITS = 4096 * 4096
+
+
+class _ChunkedAttn1:
+    """attn1 replace patch of a large reference pass: ComfyUI's own attention function over chunks of queries, checking
+    the interrupt between chunks. Each query row's softmax is over all keys, so chunking rows changes no result."""
+
+    def __call__(self, q, k, v, extra_options):
+        import comfy.ldm.modules.attention as attention
+        import comfy.model_management
+        heads, precision = extra_options["n_heads"], extra_options.get("attn_precision")
+        step = max(1, CHUNK_LOGITS // max(1, k.shape[1]))
+        out = []
+        for i in range(0, q.shape[1], step):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            out.append(attention.optimized_attention(q[:, i:i + step], k, v, heads, attn_precision=precision))
+        return out[0] if len(out) == 1 else torch.cat(out, dim=1)
 
     def __deepcopy__(self, memo):
         return self
@@ -233,6 +332,9 @@ def run_reference_pass(base_model, device, x: torch.Tensor, sigma: torch.Tensor,
     part of the reference pass. The model must already be on `device` (comfy.model_management.load_models_gpu)."""
     recorder = _Recorder()
     opts = {"patches": {"attn2_patch": [recorder]}}
+    if x.shape[-2] * x.shape[-1] > 64 * 64:  # only past 64x64, so every usual pass keeps ComfyUI's exact attention path
+        chunked = _ChunkedAttn1()
+        opts["patches_replace"] = {"attn1": {layer.key: chunked for layer in find_layers(base_model.diffusion_model)}}
     b = x.shape[0]
     kwargs = {}
     if y is not None:
@@ -273,6 +375,10 @@ def encode_identity(model_patcher, vae, image: torch.Tensor, clip=None, timestep
     for r in range(image.shape[0]):
         thumbs.append(thumbnail(image[r]))
         latent = base.process_latent_in(vae.encode(image[r:r + 1, :, :, :3])).float().cpu()
+        if _positions(latent.shape) > MAX_LATENT_TOKENS:  # what a saved file may hold: keep every saved identity loadable
+            raise AdapterError(f"Reference image {r + 1} is {image.shape[2]}x{image.shape[1]} px, a {latent.shape[3]}x"
+                               f"{latent.shape[2]} latent: more than the {MAX_LATENT_TOKENS} positions (128x128) a reference "
+                               f"pass may take. Crop the face or scale the image down (a face crop of 512-1024 px is plenty).")
         h_f.append(reference_h_f(model_patcher, layers, latent, sigma, context, y))
         latents.append(latent)
         if progress is not None:

@@ -51,6 +51,7 @@ class TrainConfig:
     reference_text: str = "zeros"     # zeros | empty (CLIP's empty prompt): the reference pass's text
     mixed_precision: str = "auto"     # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     gradient_checkpointing: bool = True  # recompute the frozen UNet's block activations in backward instead of storing them
+    reference_tokens: str = "all"     # all | pooled: 2x2-pooled h_f at the highest-resolution layers, as Apply's option
 
     def encoding_meta(self) -> dict:
         return {"mode": self.encoding, "timestep": self.timestep, "text": self.reference_text}
@@ -187,6 +188,12 @@ class Trainer:
                                                         encoding=config.encoding_meta())
         self.adapter.encoding = config.encoding_meta()
         self.adapter.to(self.device)
+        if config.reference_tokens not in ("all", "pooled"):
+            raise ValueError(f"reference_tokens is {config.reference_tokens!r}: use 'all' or 'pooled'.")
+        # the token budget trained as Apply uses it: the narrowest (highest-resolution) layers see pooled h_f
+        narrowest = min(l.channels for l in self.adapter.layers)
+        self._pooled = ({l.key for l in self.adapter.layers if l.channels == narrowest}
+                        if config.reference_tokens == "pooled" else set())
         self.step_module = AdapterStep(self.adapter, self.base)
         self.ddp = self.step_module
         if self.world > 1:
@@ -233,7 +240,7 @@ class Trainer:
             self._load_state()
         except AdapterError:
             raise
-        except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:  # RecursionError is a RuntimeError
             raise AdapterError(f"The training state '{os.path.basename(self.state_path)}' is damaged or from another run "
                                f"({type(e).__name__}: {e}). Delete it, or set resume to false, to start over.") from None
         log.info("IDFusion training: resumed '%s' at step %d", self.name, self.step)
@@ -308,6 +315,17 @@ class Trainer:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast("cuda", dtype=torch.float16 if mp == "fp16" else torch.bfloat16)
 
+    def token_budget(self, h_f: dict, latent_hw) -> dict:
+        """With reference_tokens 'pooled', h_f (b, N_f, C) of the narrowest layers pooled 2x2 on the layer's token
+        grid (the reference latent's, halved with ceil once per level), exactly as Apply pools at inference."""
+        out = dict(h_f)
+        for k in self._pooled & set(h_f):
+            H, W = latent_hw
+            while H * W > h_f[k].shape[-2]:
+                H, W = (H + 1) // 2, (W + 1) // 2
+            out[k] = fusion.pool_tokens(h_f[k], H, W)
+        return out
+
     @training_mode
     def train_step(self) -> float:
         _normal_weights(self.base)  # again: a reload onto the device (after the VAE ran) under inference mode makes new ones
@@ -324,7 +342,8 @@ class Trainer:
         if self.ref_y is not None:  # SDXL-style ADM: zeros/empty for the reference, same for the target
             y = self.ref_y.to(self.device).expand(x_t.shape[0], -1)
         with torch.no_grad(), self._autocast():
-            h_f = run_reference_pass(self.base, self.device, x_ref, ref_sigma, self.ref_context, y)
+            h_f = self.token_budget(run_reference_pass(self.base, self.device, x_ref, ref_sigma, self.ref_context, y),
+                                    x_ref.shape[-2:])
         with self._autocast():
             denoised = self.ddp(x_t, sigma, batch["ctx"], h_f, batch["keep"], y)
         w = _loss_weight(self.ms, sigma).view(-1, 1, 1, 1)

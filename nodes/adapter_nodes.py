@@ -1,5 +1,6 @@
 """Adapter nodes: load an adapter file, or create a fresh one shaped for a model (for training)."""
 from ..idfusion.adapter import IDFusionAdapter
+from ..idfusion.families import glue_for
 from .common import CATEGORY, adapter_files, full_path
 
 
@@ -39,7 +40,7 @@ class IDFusionNewAdapter:
     DESCRIPTION = "Creates an untrained IDFusion adapter for the model. No public adapter exists yet; train one, or use this to try the pipeline."
 
     def create(self, model, init, seed):
-        return (IDFusionAdapter.fresh(model, init=init, seed=seed),)
+        return (glue_for(model).fresh_adapter(model, init=init, seed=seed),)  # UNet or Flux DiT
 
 
 NODE_CLASS_MAPPINGS = {"IDFusionAdapterLoader": IDFusionAdapterLoader, "IDFusionNewAdapter": IDFusionNewAdapter}

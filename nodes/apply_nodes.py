@@ -6,8 +6,9 @@ import re
 import torch
 
 from ..idfusion import fusion
-from ..idfusion.patch import Entry, Fusion, install
-from .common import CATEGORY
+from ..idfusion.families import glue_for
+from ..idfusion.patch import Entry
+from .common import CATEGORY, check_inputs, require_inputs
 from .previews import region_legend, region_overlay, save_temp_png
 
 log = logging.getLogger("IDFusion")
@@ -39,9 +40,11 @@ _OPTIONS = {
     "block_weights": ("STRING", {"default": "", "multiline": False, "tooltip":
                       "Per-block weights, multiplying weight (empty: 1 everywhere). Groups 'input:1, middle:0.5, output:1' "
                       "and/or attn2 layer indices as in IPAdapter's layer_weights, '0:1, 5:0' (the adapter's layer order: "
-                      "SD1.5 has 16, SDXL 70). An index overrides its group. 0 leaves that layer exactly as without IDFusion."}),
+                      "SD1.5 has 16, SDXL 70). Flux: groups 'double:1, single:0.5' and block indices (double blocks first). "
+                      "An index overrides its group. 0 leaves that layer exactly as without IDFusion."}),
 }
-GROUPS = ("input", "middle", "output")
+GROUPS = ("input", "middle", "output", "double", "single")  # UNet attn2 groups; Flux blocks
+MAX_BLOCK_WEIGHT = 10.0  # a factor on weight (itself at most 3); 'input:1e300' overflowed V_f into a black image
 
 
 def parse_block_weights(text: str, layers) -> dict:
@@ -51,33 +54,37 @@ def parse_block_weights(text: str, layers) -> dict:
     if not text:
         return {}
     n = len(layers)
-    howto = (f"write e.g. 'input:1, middle:0.5, output:1' or '0:1, 5:0' (groups input, middle, output, or attn2 layer "
-             f"indices 0-{n - 1}: this model has {n} attn2 layers)")
+    present = list(dict.fromkeys(l.key[0] for l in layers))
+    unit = "blocks" if set(present) <= {"double", "single"} else "attn2 layers"
+    example = "'double:1, single:0.5'" if unit == "blocks" else "'input:1, middle:0.5, output:1'"
+    howto = (f"write e.g. {example} or '0:1, 5:0' (groups {', '.join(present)}, or {unit[:-1]} "
+             f"indices 0-{n - 1}: this model has {n} {unit})")
     groups, indices = {}, {}
     for item in re.split(r"[,;\n]", text):
         item = item.strip()
         if not item:
             continue
         name, sep, value = (p.strip() for p in item.partition(":"))
+        item = item if len(item) <= 40 else item[:37] + "..."  # messages quote it; a typed value can be any length
         name = name.lower()
         if not sep or not name or not value:
             raise ValueError(f"block_weights: '{item}' is not 'name:value'; {howto}.")
         try:
             v = float(value)
         except ValueError:
-            raise ValueError(f"block_weights: '{value}' in '{item}' is not a number; {howto}.") from None
-        if not math.isfinite(v) or v < 0:
-            raise ValueError(f"block_weights: '{item}' has weight {value}; give a finite number >= 0 (0 switches the "
-                             f"layer off, 1 keeps weight as it is).")
+            raise ValueError(f"block_weights: '{value[:40]}' in '{item}' is not a number; {howto}.") from None
+        if not math.isfinite(v) or not 0 <= v <= MAX_BLOCK_WEIGHT:
+            raise ValueError(f"block_weights: '{item}' has weight {value[:40]}; give a finite number >= 0, "
+                             f"at most {MAX_BLOCK_WEIGHT:g} (0 switches the layer off, 1 keeps weight as it is).")
         if name in GROUPS:
             if not any(l.key[0] == name for l in layers):
-                raise ValueError(f"block_weights: this model has no {name} attn2 layers; {howto}.")
+                raise ValueError(f"block_weights: this model has no {name} {unit}; {howto}.")
             table, key, what = groups, name, f"group '{name}'"
-        elif re.fullmatch(r"[+-]?\d+", name):
-            key = int(name)
-            if not 0 <= key < n:
-                raise ValueError(f"block_weights: layer index {key} in '{item}' is out of range: this model has {n} "
-                                 f"attn2 layers, indices 0-{n - 1}.")
+        elif re.fullmatch(r"[+-]?[0-9]+", name):  # ASCII digits; int() of a 5000-digit index hits Python's digit limit
+            key = int(name) if len(name) <= 6 else None
+            if key is None or not 0 <= key < n:
+                raise ValueError(f"block_weights: layer index {name[:12] + ('...' if len(name) > 12 else '')} in "
+                                 f"'{item}' is out of range: this model has {n} {unit}, indices 0-{n - 1}.")
             table, what = indices, f"layer {key}"
         else:
             raise ValueError(f"block_weights: unknown group '{name}' in '{item}'; {howto}.")
@@ -94,25 +101,40 @@ def parse_block_weights(text: str, layers) -> dict:
 
 def _apply(model, adapter, entries, weight, start_at, end_at, uncond, mode, reference_tokens="all", block_weights=""):
     """Validate everything, then return (patched clone,); weight 0 (everywhere) returns an unpatched clone."""
+    # again here, not only in VALIDATE_INPUTS: a linked value, or a Python caller, is not validated by ComfyUI
+    require_inputs(IDFusionApply, {"reference_tokens": REFERENCE_TOKENS}, weight=weight, start_at=start_at,
+                   end_at=end_at, reference_tokens=reference_tokens)
     if start_at >= end_at:
         raise ValueError(f"start_at ({start_at}) must be smaller than end_at ({end_at}).")
     if reference_tokens not in REFERENCE_TOKENS:
         raise ValueError(f"reference_tokens is {reference_tokens!r}; choose 'all' or '{POOLED}'.")
-    adapter.check_model(model)
+    glue = glue_for(model)  # UNet (patch.py) or Flux DiT (patch_flux.py)
+    problem = glue.missing_hooks()
+    if problem:
+        raise ValueError(problem)
+    glue.check_adapter(adapter, model)
     layer_weights = parse_block_weights(block_weights, adapter.layers)  # before anything is computed or installed
-    for e in entries:
-        e.identity.check_model(model)
-        _warn_encoding(adapter, e.identity)
     if mode == "adapter default":
         mode = adapter.encoding.get("mode", "cached")
+    for e in entries:  # layers, and the reference pass's inputs (a shared compact file), before any pass runs
+        glue.check_identity(e.identity, model, mode)
+        _warn_encoding(adapter, e.identity)
     if weight == 0 or all(layer_weights.get(l.name, 1.0) == 0 for l in adapter.layers):
         return (model.clone(),)
     for e in entries:  # h_f of references loaded from compact files: one reference pass each, through this model
-        e.identity = e.identity.for_model(model)
+        e.identity = glue.identity_for_model(e.identity, model)
     ms = model.get_model_object("model_sampling")
-    return (install(model, Fusion(adapter, entries, weight, sigma_start=float(ms.percent_to_sigma(start_at)),
+    return (glue.install(model, glue.Fusion(adapter, entries, weight, sigma_start=float(ms.percent_to_sigma(start_at)),
                                   sigma_end=float(ms.percent_to_sigma(end_at)), uncond=(uncond == "identity too"), mode=mode,
                                   reference_tokens=REFERENCE_TOKENS[reference_tokens], layer_weights=layer_weights)),)
+
+
+def _validate(cls, weight, start_at, end_at, reference_tokens):
+    """ComfyUI's VALIDATE_INPUTS: refuses NaN/inf (which pass its own min/max check) before the prompt runs, and
+    accepts the 'pooled' alias of reference_tokens. Listing an input here turns off ComfyUI's own check of it, so
+    check_inputs repeats min/max and the choice list."""
+    return check_inputs(cls, {"reference_tokens": REFERENCE_TOKENS}, weight=weight, start_at=start_at, end_at=end_at,
+                        reference_tokens=reference_tokens)
 
 
 def _warn_encoding(adapter, identity):
@@ -186,6 +208,8 @@ class IDFusionApply:
     OUTPUT_TOOLTIPS = ("A clone of the model whose cross-attention also attends to the identity's K_f/V_f.",)
     FUNCTION = "apply"
     CATEGORY = CATEGORY
+    VALIDATE_INPUTS = classmethod(lambda cls, weight=None, start_at=None, end_at=None, reference_tokens=None:
+                                  _validate(cls, weight, start_at, end_at, reference_tokens))
     DESCRIPTION = ("Fuses a reference identity into every cross-attention layer: K' = [K_text; K_f], V' = [V_text; V_f]. "
                    "Chain several Apply nodes to add more identities.")
 
@@ -215,6 +239,8 @@ class IDFusionApplyMultiIdentity:
                        "the layers read it, one colour per identity (identity 1-4: red, green, blue, orange).",)
     FUNCTION = "apply_with_preview"
     CATEGORY = CATEGORY
+    VALIDATE_INPUTS = classmethod(lambda cls, weight=None, start_at=None, end_at=None, reference_tokens=None:
+                                  _validate(cls, weight, start_at, end_at, reference_tokens))
     DESCRIPTION = ("Several people in one image (paper section 3.4): inside identity j's region, the other identities' keys are "
                    "masked out (Eq. 7), so faces do not morph into each other. Outside all regions every identity is visible.")
 

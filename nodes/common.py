@@ -67,3 +67,49 @@ def new_identity_path(prefix: str) -> str:
     while f"{prefix}_{n:05}.safetensors" in existing:
         n += 1
     return os.path.join(folder, f"{prefix}_{n:05}.safetensors")
+
+
+# ---- number and choice inputs, checked against the node's own INPUT_TYPES --------------------------------------
+def _spec(node_cls, name):
+    types = node_cls.INPUT_TYPES()
+    for part in ("required", "optional"):
+        if name in types.get(part, {}):
+            return types[part][name]
+    return None
+
+
+def check_inputs(node_cls, aliases: dict | None = None, **values):
+    """True, or a message naming the first bad input: a FLOAT/INT that is not a finite number inside the node's own
+    min/max (JSON NaN passes ComfyUI's min/max check, since every comparison with NaN is false), or a choice outside
+    the node's list (plus `aliases`: name -> other accepted values). None means 'not given' (a linked input at
+    validation time) and is skipped. Used by VALIDATE_INPUTS (the prompt is refused before it runs) and again when the
+    node runs (linked values and Python callers)."""
+    import math
+    for name, value in values.items():
+        if value is None:
+            continue
+        spec = _spec(node_cls, name)
+        if spec is None:
+            continue
+        kind, opts = spec[0], (spec[1] if len(spec) > 1 else {})
+        if isinstance(kind, list):
+            allowed = list(kind) + list((aliases or {}).get(name, ()))
+            if value not in allowed:
+                return f"{name} is {str(value)[:60]!r}; choose one of {kind}."
+            continue
+        if kind not in ("FLOAT", "INT"):
+            continue
+        lo, hi = opts.get("min"), opts.get("max")
+        span = f" from {lo} to {hi}" if lo is not None and hi is not None else ""
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"{name} is {str(value)[:60]}, not a finite number: give a number{span}."
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            return f"{name} is {value:g}, outside its range: give a number{span}."
+    return True
+
+
+def require_inputs(node_cls, aliases: dict | None = None, **values):
+    """check_inputs, raising ValueError (the node's error in ComfyUI) instead of returning the message."""
+    ok = check_inputs(node_cls, aliases, **values)
+    if ok is not True:
+        raise ValueError(ok)

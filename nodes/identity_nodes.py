@@ -7,7 +7,8 @@ import folder_paths
 import numpy as np
 from PIL import Image
 
-from ..idfusion.identity import Identity, encode_identity, merge
+from ..idfusion.families import glue_for
+from ..idfusion.identity import Identity, merge
 from .common import CATEGORY, check_name, full_path, identity_files, new_identity_path
 
 
@@ -61,7 +62,7 @@ class IDFusionEncodeReference:
     def encode(self, model, vae, reference_images, timestep, name, clip=None):
         check_name("name", name, where="it labels the identity in messages and saved files")
         pbar = comfy.utils.ProgressBar(reference_images.shape[0])
-        identity = encode_identity(model, vae, reference_images, clip=clip, timestep=timestep, name=name, progress=pbar)
+        identity = glue_for(model).encode_identity(model, vae, reference_images, clip=clip, timestep=timestep, name=name, progress=pbar)
         return {"ui": thumbnails_ui(identity), "result": (identity,)}
 
 

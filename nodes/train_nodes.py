@@ -11,14 +11,27 @@ from PIL import Image
 
 from ..idfusion.dataset import FaceDataset
 from ..idfusion.train import TrainConfig, Trainer
-from .common import CATEGORY, FOLDER, check_name
+from .common import CATEGORY, FOLDER, check_inputs, check_name, require_inputs
 
 DATASETS = "idfusion_datasets"
 
 
+# the pack's own tiny example dataset (scripts/make_example_dataset.py), so the training template trains as shipped
+EXAMPLE_DATASETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows", "assets", "datasets")
+
+
+def _dataset_roots() -> list[str]:
+    return [os.path.join(folder_paths.get_input_directory(), DATASETS), EXAMPLE_DATASETS]  # the user's folder wins
+
+
 def dataset_folders() -> list[str]:
-    root = os.path.join(folder_paths.get_input_directory(), DATASETS)
-    return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))) if os.path.isdir(root) else []
+    names = {d for root in _dataset_roots() if os.path.isdir(root)
+             for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))}
+    return sorted(names)
+
+
+def dataset_path(name: str) -> str:
+    return next(p for p in (os.path.join(r, name) for r in _dataset_roots()) if os.path.isdir(p))
 
 
 class IDFusionTrainAdapter:
@@ -29,7 +42,7 @@ class IDFusionTrainAdapter:
             "model": ("MODEL", {"tooltip": "The base model (frozen). The adapter is shaped for it."}),
             "clip": ("CLIP", {"tooltip": "Encodes the captions (frozen)."}),
             "vae": ("VAE", {"tooltip": "Encodes targets and references (frozen)."}),
-            "dataset": (dataset_folders(), {"tooltip": f"A folder in ComfyUI/input/{DATASETS}/: images with .txt captions, "
+            "dataset": (dataset_folders(), {"tooltip": f"A folder in ComfyUI/input/{DATASETS}/ (or the pack's example_synthetic_faces): images with .txt captions, "
                         "optional identity subfolders and optional <name>_mask.png face masks."}),
             "adapter_name": ("STRING", {"default": "my_idfusion", "tooltip": "Saved as models/idfusion/<name>.safetensors (letters, digits, '_', '-')."}),
             "steps": ("INT", {"default": d.steps, "min": 1, "max": 1_000_000, "tooltip": "Total optimisation steps (a resumed run continues to this)."}),
@@ -56,9 +69,18 @@ class IDFusionTrainAdapter:
     CATEGORY = CATEGORY + "/training"
     DESCRIPTION = "Trains an IDFusion adapter (only Linear_kf/Linear_vf). Cancel keeps the last checkpoint; run again to resume."
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, learning_rate=None, reference_dropout=None, face_loss_weight=None, cgdr_weight=None):
+        """JSON NaN passes ComfyUI's min/max check and would train an adapter of NaN weights: refuse it up front."""
+        return check_inputs(cls, learning_rate=learning_rate, reference_dropout=reference_dropout,
+                            face_loss_weight=face_loss_weight, cgdr_weight=cgdr_weight)
+
     def train(self, model, clip, vae, dataset, adapter_name, steps, batch_size, learning_rate, resolution, save_every, seed,
               init, reference, reference_dropout, face_loss_weight, cgdr_weight, class_prompt, encoding, resume, unique_id=None):
         check_name("adapter_name", adapter_name, spaces=False, where="the adapter is always saved in models/idfusion")
+        require_inputs(type(self), learning_rate=learning_rate, reference_dropout=reference_dropout,
+                       face_loss_weight=face_loss_weight, cgdr_weight=cgdr_weight, steps=steps, batch_size=batch_size,
+                       resolution=resolution, save_every=save_every, seed=seed)
         check_name("dataset", dataset, where=f"pick a folder of ComfyUI/input/{DATASETS}/", folder=True)
         if dataset not in dataset_folders():
             raise ValueError(f"dataset {dataset!r} is not a folder in ComfyUI/input/{DATASETS}/: put the images there "
@@ -77,14 +99,18 @@ class IDFusionTrainAdapter:
         cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=learning_rate, save_every=save_every, seed=seed, init=init,
                           reference=reference, reference_dropout=reference_dropout, face_loss_weight=face_loss_weight,
                           cgdr_weight=cgdr_weight, class_prompt=class_prompt, encoding=encoding)
-        ds = FaceDataset(os.path.join(folder_paths.get_input_directory(), DATASETS, dataset), resolution)
+        ds = FaceDataset(dataset_path(dataset), resolution)
+        node = str(unique_id) if unique_id is not None else None
+        skipped = [f"skipped {len(ds.skipped)} of {len(ds.skipped) + len(ds)} files in '{dataset}':"] + ds.skipped_report() \
+            if ds.skipped else []
+        if skipped:  # on the node right away (progress text), and in its output below, not only on the console
+            _send(node, "\n".join(skipped), None)
         trainer = Trainer(model, clip, vae, ds, work, adapter_name, cfg)
         if not resume and os.path.exists(trainer.state_path):
             os.remove(trainer.state_path)
         trainer.resume()
         pbar = comfy.utils.ProgressBar(steps)
         pbar.update_absolute(trainer.step, steps)
-        node = str(unique_id) if unique_id is not None else None
 
         def on_step(step, loss):
             pbar.update_absolute(step, steps)
@@ -98,7 +124,8 @@ class IDFusionTrainAdapter:
         adapter = trainer.adapter.cpu().requires_grad_(False)  # inference from here on
         # the whole history, resumed steps included, for the page's loss chart (js/ reads ui.idfusion_loss)
         history = [[int(s), float(l)] for s, l in trainer.losses]
-        return {"ui": {"text": [final], "idfusion_loss": history}, "result": (adapter, image)}
+        return {"ui": {"text": [final, *skipped], "idfusion_loss": history, "idfusion_skipped": ds.skipped_report(1000)},
+                "result": (adapter, image)}
 
 
 def _send(node, text, event):
@@ -112,7 +139,8 @@ def _send(node, text, event):
         sid = getattr(server, "client_id", None)  # the client that queued the prompt, like ComfyUI's progress events
         node = node if node is not None else server.last_node_id
         server.send_progress_text(text, node, sid)
-        server.send_sync("idfusion.train", {**event, "node": node}, sid)
+        if event is not None:
+            server.send_sync("idfusion.train", {**event, "node": node}, sid)
     except Exception:  # a display message must never stop a training run
         pass
 

@@ -1,11 +1,15 @@
 """Build the UI-format example workflows (workflows/*.json, what the Templates browser lists and artists drag in)
-from their API-format twins (workflows/api/*_api.json) in the real frontend, so both describe the same graph.
+from their API-format twins (workflows/api/*_api.json) in the real frontend, so both describe the same graph, and
+their thumbnails (workflows/<template>.jpg, where frontend 1.32.9 looks for a custom node's template thumbnail).
 
-For each workflow: the twin is loaded with app.loadApiJson (node ids and titles kept), seeds are set to `fixed`,
-nodes are laid out stage by stage (one group and one Note per stage, no overlaps), and the graph the frontend
-serialises is written. tests/test_browser_workflows.py checks that app.graphToPrompt() of each file equals its twin.
+For each workflow: the twin gets this script's input values (REFERENCE, CKPT, ...: each file name in one place) and is
+loaded with app.loadApiJson (node ids and titles kept), seeds are set to `fixed`, nodes are laid out stage by stage
+(one group and one Note per stage, no overlaps), and the graph the frontend serialises is written. Then the template
+is run as shipped when it can run (the synthetic model's templates) and its screenshot, with a one-line description,
+becomes the thumbnail; the demo's full-page screenshot goes to docs/screens/demo_template_ui.png (README).
+tests/test_browser_workflows.py checks that app.graphToPrompt() of each file equals its twin.
 
-    .hosts/0.3.75/venv/bin/python scripts/build_ui_workflows.py [--only NAME ...]
+    .hosts/0.3.75/venv/bin/python scripts/build_ui_workflows.py [--only NAME-OR-NUMBER ...] [--no-thumbnails]
 """
 from __future__ import annotations
 
@@ -29,54 +33,155 @@ PAD = 20
 NOTE_W = 340
 COLORS = ["#3f789e", "#8A8", "#b58b2a", "#a1309b", "#88A", "#b06634", "#444"]
 # nodes whose drawn content (image previews) grows after a run: give them room up front
-MIN_SIZE = {"LoadImage": (320, 380), "SaveImage": (320, 360), "PreviewImage": (320, 360),
+MIN_SIZE = {"LoadImage": (320, 380), "IDFusionExampleReference": (320, 380), "SaveImage": (320, 360), "PreviewImage": (320, 360),
             "CLIPTextEncode": (380, 170), "IDFusionEncodeReference": (340, 330), "IDFusionFaceMasks": (340, 380),
             "IDFusionApplyMultiIdentity": (340, 560), "IDFusionFaceEvaluate": (380, 300), "IDFusionTrainAdapter": (400, 820),
             "IDFusionLoadIdentity": (340, 330)}
 
-CKPT_NOTE = ("Set ckpt_name to your SD1.5 or SDXL checkpoint. No public IDFusion adapter exists yet: IDFusion New "
-             "Adapter (untrained) makes a correctly shaped one so the graph runs (its pictures are noise); replace it "
-             "with IDFusion Load Adapter once you have trained one (see the training template).")
+# The inputs a template names, each in ONE place: the twins (workflows/api/) are rewritten with these values before the
+# UI files are built from them. Every file named here ships with the pack or with a stock ComfyUI, except the user's own
+# checkpoint / adapter, which the templates name by their usual file names and whose Notes say where they come from.
+REFERENCE = "fresh_0.png"             # a shipped face the synthetic adapter never saw (IDFusion Example Reference Face)
+REFERENCE_2 = "fresh_1.png"           # the second person of the two-people template
+SD_REFERENCE = "reference_face.png"   # the pack's cartoon face, for SD checkpoints (workflows/assets/)
 
-# name -> twin, rows of stages: (title, note, [columns of API node ids])
+
+def recommended() -> dict:
+    """The sampling settings the shipped synthetic adapter's metadata recommends (chosen by `make synthetic` on
+    validation identities): {"cfg", "uncond", "weight"}."""
+    from safetensors import safe_open
+    path = os.path.join(ROOT, "models", "idfusion", "synthetic_faces_adapter.safetensors")
+    with safe_open(path, "pt") as f:
+        return json.loads(f.metadata()["recommended"])
+
+
+REC = recommended()
+DATASET = "example_synthetic_faces"   # workflows/assets/datasets/ (scripts/make_example_dataset.py)
+CKPT = "v1-5-pruned-emaonly.safetensors"
+ADAPTER = "idfusion_adapter.safetensors"
+FACE = 96                             # the synthetic model's picture: FACE x FACE, two people 2*FACE x FACE
+
+CKPT_NOTE = (f"Needs your SD1.5 checkpoint in ComfyUI/models/checkpoints/. ckpt_name is set to {CKPT}, its usual name "
+             "(Stable Diffusion 1.5 from Hugging Face: stable-diffusion-v1-5/stable-diffusion-v1-5, or the fp16 "
+             "v1-5-pruned-emaonly-fp16.safetensors from Comfy-Org/stable-diffusion-v1-5-archive); pick yours from the "
+             "list. No public IDFusion adapter exists yet: IDFusion New Adapter (untrained) makes a correctly shaped one "
+             "so the graph runs (its pictures are noise); replace it with IDFusion Load Adapter once you have trained "
+             "one (template 3).")
+REF_NOTE = ("The reference is the pack's cartoon face (IDFusion Example Reference Face, nothing to copy). For a real "
+            "person replace it with Load Image and a photo of ONE person (a batch = several references).")
+
+# UI file name (the title the Templates browser shows: frontend 1.32.9 has no other title or description for a custom
+# node's template, so the name says what it is and the numbers give the order) -> twin, one-line description (drawn on
+# the thumbnail), whether it runs as shipped (then the thumbnail shows a finished run), twin values, rows of stages:
+# (title, note, [columns of API node ids])
 SPECS = {
-    "idfusion_basic": {
+    "1 Start here - identity demo": {
+        "twin": "idfusion_synthetic_demo_api.json",
+        "describe": "Start here: identity transfer on the pack's own tiny model. Runs as shipped, no downloads.",
+        "runs": True,
+        "values": {"3": {"image": REFERENCE}, "8": {"width": FACE, "height": FACE},
+                   "5": {"weight": REC["weight"], "uncond": REC["uncond"]}, "15": {"uncond": REC["uncond"]},
+                   "9": {"cfg": REC["cfg"]}, "12": {"cfg": REC["cfg"]}},
+        "rows": [[
+            ("1. The shipped model and adapter", "Everything here ships with the pack: a tiny cartoon-faces model trained "
+             "on CPU and an adapter trained for it, so you can see identity transfer without downloading anything: "
+             "press Run. Captions use its small vocabulary, e.g. 'a photo of a person, crying, facing left, teal "
+             "background'.", [["1", "2"]]),
+            ("2. Reference face", f"A face that ships with the pack ({REFERENCE}: a person the adapter never saw in "
+             "training). Pick another in the list; nothing needs copying into ComfyUI/input. After a run the node shows "
+             "its thumbnail.", [["3"], ["4"]]),
+            ("3. Fuse the identity", "The same Apply node you would use with a real checkpoint.", [["5"]]),
+        ], [
+            ("4. Prompt", "Describe only expression, pose and background: who it is comes from the reference.",
+             [["6", "7"], ["8"]]),
+            ("5. With the identity", "Fixed seed 1.", [["9"], ["10", "11"]]),
+            ("6. Same seed, without the identity", "The same Apply with weight 0 returns the plain model, so this "
+             "picture shows what the model draws without the identity. Both pictures depend on the reference: if it is "
+             "missing, the whole prompt stops with an error instead of half-running.", [["15", "12"], ["13", "14"]]),
+        ]],
+    },
+    "2 Two people, two identities": {
+        "twin": "idfusion_synthetic_two_identities_api.json",
+        "describe": "Two identities in one picture, each kept to its region by masks. Runs as shipped.",
+        "runs": True,
+        "values": {"3": {"image": REFERENCE}, "5": {"image": REFERENCE_2}, "7": {"width": 2 * FACE, "height": FACE},
+                   "8": {"width": FACE, "height": FACE}, "10": {"x": FACE}, "15": {"width": 2 * FACE, "height": FACE},
+                   "12": {"weight": REC["weight"], "uncond": REC["uncond"]}, "16": {"cfg": REC["cfg"]}},
+        "rows": [[
+            ("1. The shipped model and adapter", "The pack's tiny cartoon-faces model and its adapter (no downloads).",
+             [["1", "2"]]),
+            ("2. Two people", "Two faces that ship with the pack (IDFusion Example Reference Face), one per person.",
+             [["3", "5"], ["4", "6"]]),
+            ("3. Where each face goes", f"Left and right halves of a {2 * FACE} x {FACE} picture, one mask per "
+             "identity in identity order.", [["7", "8"], ["9", "10"], ["11"]]),
+        ], [
+            ("4. Fuse both identities", "Inside each region the other person's keys are masked out (Eq. 7). After a "
+             "run the node shows each identity's region in its colour.", [["12"]]),
+            ("5. Prompt and sample", "'two people, ...' from the model's vocabulary. Fixed seed.", [["13", "14"], ["15", "16"]]),
+            ("6. Decode and save", "Written to ComfyUI/output/idfusion_demo/.", [["17"], ["18"]]),
+        ]],
+    },
+    "3 Train an adapter": {
+        "twin": "idfusion_training_api.json",
+        "describe": "Train an IDFusion adapter: 20 steps on the shipped example dataset, with a live loss chart.",
+        "runs": True,
+        "values": {"2": {"dataset": DATASET}},
+        "rows": [[
+            ("1. Base model", "Training needs the model you will sample with (frozen). This example uses the pack's "
+             "own tiny synthetic-faces model so it runs on a CPU in seconds; use your checkpoint's MODEL/CLIP/VAE.",
+             [["1"]]),
+            ("2. Train the adapter", f"Only Linear_kf/Linear_vf train. {DATASET} ships with the pack (2 people x 4 "
+             "pictures); your own dataset is a folder in ComfyUI/input/idfusion_datasets/ (images + .txt captions, one "
+             "subfolder per person). Writes models/idfusion/<adapter_name>.safetensors; Cancel keeps the last "
+             "checkpoint and queueing again resumes. The node draws the loss live.", [["2"]]),
+            ("3. Loss curve", "The loss per step, also saved in models/idfusion/training/.", [["3"]]),
+        ]],
+    },
+    "4 SD1.5 - one identity": {
         "twin": "idfusion_basic_api.json",
+        "describe": f"One identity on your SD1.5 checkpoint ({CKPT}).",
+        "values": {"1": {"ckpt_name": CKPT}, "3": {"image": SD_REFERENCE}},
         "rows": [[
             ("1. Models", CKPT_NOTE, [["1", "2"]]),
-            ("2. Reference face", "One or more photos of ONE person (a batch = several references). The reference goes "
-             "once through the model's own UNet; its hidden states h_f at every cross-attention layer are the identity. "
-             "Aligned face crops work best.", [["3"], ["4"]]),
+            ("2. Reference face", REF_NOTE + " The reference goes once through the model's own UNet; its hidden states "
+             "h_f at every cross-attention layer are the identity.", [["3"], ["4"]]),
             ("3. Fuse the identity", "IDFusion Apply adds K_f/V_f from the adapter to every cross-attention layer: "
              "K' = [K_text; K_f]. weight scales V_f (0 = off); start_at/end_at limit when it acts.", [["5"]]),
         ], [
             ("4. Prompt and sample", "Describe the scene; the identity comes from the reference, not from the words. "
-             "The seed is fixed so the example repeats; set control_after_generate to randomize to explore.",
+             "The seed is fixed so the example repeats; set control_after_generate to randomize to explore. The size "
+             "and steps are a quick check: use 512 x 512 and 20 steps for a real picture.",
              [["6", "7"], ["8", "9"]]),
             ("5. Decode and save", "The picture is written to ComfyUI/output/IDFusion_demo_*.png.", [["10"], ["11"]]),
         ]],
     },
-    "idfusion_multi_identity": {
+    "5 SD1.5 - two people, masks": {
         "twin": "idfusion_multi_identity_api.json",
+        "describe": f"Two people placed with masks on your SD1.5 checkpoint ({CKPT}).",
+        "values": {"1": {"ckpt_name": CKPT}, "3": {"image": SD_REFERENCE}},
         "rows": [[
             ("1. Models", CKPT_NOTE, [["1", "2"]]),
-            ("2. Two identities", "Encode each person separately. Person 2 here is the demo face flipped, a stand-in: "
-             "load a photo of someone else.", [["3", "12"], ["4", "13"]]),
+            ("2. Two identities", "Encode each person separately. " + REF_NOTE + " Person 2 here is the same face "
+             "flipped, a stand-in: load a photo of someone else.", [["3", "12"], ["4", "13"]]),
             ("3. Where each face goes", "One mask per identity, in identity order (mask 1 = person 1). Built with "
              "ComfyUI's own mask nodes: left and right halves. IDFusion Face Masks can make them from a layout photo.",
              [["14", "15"], ["16", "17"], ["18"]]),
         ], [
             ("4. Fuse both identities", "Inside person j's region the other identities' keys are masked out (Eq. 7), "
              "so faces do not morph into each other. After a run the node shows each region in its colour.", [["5"]]),
-            ("5. Prompt and sample", "Ask for as many people as you placed. Fixed seed.", [["6", "7"], ["8", "9"]]),
+            ("5. Prompt and sample", "Ask for as many people as you placed. Fixed seed. The size and steps are a quick "
+             "check: use 512 x 512 (and masks of that size) and 20 steps for a real picture.", [["6", "7"], ["8", "9"]]),
             ("6. Decode and save", "Written to ComfyUI/output/IDFusion_multi_*.png.", [["10"], ["11"]]),
         ]],
     },
-    "idfusion_face_repaint": {
+    "6 SD1.5 - face repaint": {
         "twin": "idfusion_face_repaint_api.json",
+        "describe": f"Generate, then repaint the face at higher resolution with the identity ({CKPT}).",
+        "values": {"1": {"ckpt_name": CKPT}, "3": {"image": SD_REFERENCE}},
         "rows": [[
             ("1. Models", CKPT_NOTE, [["1", "2"]]),
-            ("2. Reference face", "The person to keep. Encoded once, used by both stages.", [["3"], ["4"]]),
+            ("2. Reference face", "The person to keep, encoded once and used by both stages. " + REF_NOTE,
+             [["3"], ["4"]]),
             ("3. Fuse the identity", "One patched model for both samplers.", [["5"]]),
             ("4. Stage 1: the whole picture", "A normal generation with the identity. Fixed seed.",
              [["6", "7"], ["8", "9"], ["10"]]),
@@ -89,13 +194,20 @@ SPECS = {
             ("7. Save", "Written to ComfyUI/output/IDFusion_face_repaint_*.png.", [["18"]]),
         ]],
     },
-    "idfusion_face_benchmark": {
+    "7 Face benchmark (ArcFace)": {
         "twin": "idfusion_face_benchmark_api.json",
+        "describe": "Score an adapter: ArcFace similarity to the reference (scripts/face_benchmark.py runs it at scale).",
+        "values": {"1": {"ckpt_name": CKPT}, "2": {"adapter_name": ADAPTER}, "3": {"image": "example.png"}},
         "rows": [[
-            ("1. Models", "Set ckpt_name and adapter_name to yours. scripts/face_benchmark.py fills the nodes titled "
-             "'reference', 'prompt' and 'seed'; keep those titles.", [["1", "2"]]),
-            ("2. Reference face", "The photo to compare against, cropped and aligned by the face analysis (ArcFace: "
-             "antelopev2 or buffalo_l in models/insightface).", [["3", "4"], ["5"], ["6"]]),
+            ("1. Models", f"Needs your own files. ckpt_name: your SD1.5 checkpoint in ComfyUI/models/checkpoints/ "
+             f"({CKPT}, from Hugging Face: stable-diffusion-v1-5/stable-diffusion-v1-5). adapter_name: the adapter "
+             f"you trained for it ({ADAPTER} in ComfyUI/models/idfusion/, written by the training template). "
+             "scripts/face_benchmark.py fills the nodes titled 'reference', 'prompt' and 'seed'; keep those titles.",
+             [["1", "2"]]),
+            ("2. Reference face", "A photo of a real person in ComfyUI/input (example.png is stock ComfyUI's picture, "
+             "a placeholder: load your photo). It is cropped and aligned by the face analysis, which needs the ArcFace "
+             "models antelopev2 or buffalo_l in ComfyUI/models/insightface (from the insightface project).",
+             [["3", "4"], ["5"], ["6"]]),
             ("3. Fuse the identity", "The adapter under test.", [["7"]]),
         ], [
             ("4. Prompt and sample", "The benchmark runs every reference x prompt x seed through this graph.",
@@ -105,54 +217,13 @@ SPECS = {
              "node shows a badge per image: similarity, distance, face found.", [["14"]]),
         ]],
     },
-    "idfusion_training": {
-        "twin": "idfusion_training_api.json",
-        "rows": [[
-            ("1. Base model", "Training needs the model you will sample with (frozen). This example uses the pack's "
-             "own tiny synthetic-faces model so it runs on a CPU in seconds; use your checkpoint's MODEL/CLIP/VAE.",
-             [["1"]]),
-            ("2. Train the adapter", "Only Linear_kf/Linear_vf train. The dataset is a folder in "
-             "ComfyUI/input/idfusion_datasets/ (images + .txt captions, identity subfolders). Writes "
-             "models/idfusion/<adapter_name>.safetensors; Cancel keeps the last checkpoint and queueing again "
-             "resumes. The node draws the loss live.", [["2"]]),
-            ("3. Loss curve", "The loss per step, also saved in models/idfusion/training/.", [["3"]]),
-        ]],
-    },
-    "idfusion_synthetic_demo": {
-        "twin": "idfusion_synthetic_demo_api.json",
-        "rows": [[
-            ("1. The shipped model and adapter", "Everything here ships with the pack: a tiny cartoon-faces model trained "
-             "on CPU and an adapter trained for it, so you can see identity transfer without downloading anything. "
-             "Captions use its small vocabulary, e.g. 'a photo of a person, crying, facing left, teal background'.",
-             [["1", "2"]]),
-            ("2. Reference face", "Put a reference from workflows/assets/synthetic/ in ComfyUI/input (unseen_0.png is a "
-             "person the adapter never saw in training). After a run the node shows its thumbnail.", [["3"], ["4"]]),
-            ("3. Fuse the identity", "The same Apply node you would use with a real checkpoint.", [["5"]]),
-        ], [
-            ("4. Prompt", "Describe only expression, pose and background: who it is comes from the reference.",
-             [["6", "7"], ["8"]]),
-            ("5. With the identity", "Fixed seed 1.", [["9"], ["10", "11"]]),
-            ("6. Same seed, without the identity", "The plain model with the same prompt and seed, to compare: only "
-             "the face's identity should differ.", [["12"], ["13", "14"]]),
-        ]],
-    },
-    "idfusion_synthetic_two_identities": {
-        "twin": "idfusion_synthetic_two_identities_api.json",
-        "rows": [[
-            ("1. The shipped model and adapter", "The pack's tiny cartoon-faces model and its adapter (no downloads).",
-             [["1", "2"]]),
-            ("2. Two people", "Two references from workflows/assets/synthetic/ in ComfyUI/input, one per person.",
-             [["3", "5"], ["4", "6"]]),
-            ("3. Where each face goes", "Left and right halves of a 128 x 64 picture, one mask per identity in "
-             "identity order.", [["7", "8"], ["9", "10"], ["11"]]),
-        ], [
-            ("4. Fuse both identities", "Inside each region the other person's keys are masked out (Eq. 7). After a "
-             "run the node shows each identity's region in its colour.", [["12"]]),
-            ("5. Prompt and sample", "'two people, ...' from the model's vocabulary. Fixed seed.", [["13", "14"], ["15", "16"]]),
-            ("6. Decode and save", "Written to ComfyUI/output/idfusion_demo/.", [["17"], ["18"]]),
-        ]],
-    },
 }
+TWIN_TO_UI = {spec["twin"]: name for name, spec in SPECS.items()}
+
+
+def ui_name(twin_stem: str) -> str:
+    """The template (UI file name without .json) of a twin, e.g. 'idfusion_synthetic_demo' -> '1 Start here - ...'."""
+    return TWIN_TO_UI[twin_stem + "_api.json"]
 
 
 def stage_layout(title, note, columns, sizes, x, y, color):
@@ -212,9 +283,30 @@ def layout(graph, spec, sizes):
     return graph
 
 
+def write_atomic(path: str, data: bytes):
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def twin_with_values(spec) -> dict:
+    """The twin with this script's values (REFERENCE, CKPT, ...) filled in; written back if they changed, so the twin
+    and the UI file always name the same files."""
+    path = os.path.join(WORKFLOWS, "api", spec["twin"])
+    with open(path) as f:
+        text = f.read()
+    api = json.loads(text)
+    for nid, values in spec.get("values", {}).items():
+        api[nid]["inputs"].update(values)
+    new = json.dumps(api, indent=2) + "\n"
+    if new != text:
+        write_atomic(path, new.encode())
+    return api
+
+
 def build(page, name, spec) -> dict:
-    with open(os.path.join(WORKFLOWS, "api", spec["twin"])) as f:
-        api = json.load(f)
+    api = twin_with_values(spec)
     ui_browser.load_api(page, api, name)
     # fixed seeds: every seed widget's "control after generate" (new graphs default to randomize)
     page.evaluate("""() => { for (const n of app.graph._nodes) for (const w of n.widgets || [])
@@ -245,25 +337,84 @@ def build(page, name, spec) -> dict:
     return out
 
 
+THUMB = 512        # the Templates browser draws a square card; frontend 1.32.9 asks for <template name>.jpg
+THUMB_BAND = 104   # the one-line description under the picture
+FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
+
+
+def thumbnail(screenshot_png: bytes, text: str) -> bytes:
+    """A square JPEG: the screenshot fitted above a band with the template's one-line description."""
+    import io
+    import textwrap
+    from PIL import Image, ImageDraw, ImageFont
+    shot = Image.open(io.BytesIO(screenshot_png)).convert("RGB")
+    card = Image.new("RGB", (THUMB, THUMB), (32, 32, 36))
+    shot.thumbnail((THUMB, THUMB - THUMB_BAND), Image.LANCZOS)
+    card.paste(shot, ((THUMB - shot.width) // 2, (THUMB - THUMB_BAND - shot.height) // 2))
+    draw = ImageDraw.Draw(card)
+    font = ImageFont.truetype(FONT, 22) if os.path.isfile(FONT) else ImageFont.load_default()
+    y = THUMB - THUMB_BAND + 12
+    for line in textwrap.wrap(text, 40)[:3]:
+        draw.text((16, y), line, fill=(235, 235, 235), font=font)
+        y += 28
+    buf = io.BytesIO()
+    card.save(buf, format="JPEG", quality=88)
+    return buf.getvalue()
+
+
+def framed_screenshot(page) -> bytes:
+    """The whole graph, zoomed to fit, clipped to the part of the page it covers."""
+    ui_browser.fit_all(page)
+    x0, y0, x1, y1 = page.evaluate("""() => { const ds = app.canvas.ds, r = app.canvas.canvas.getBoundingClientRect();
+        let a = [Infinity, Infinity, -Infinity, -Infinity];
+        for (const g of app.graph._groups || []) { const [x, y, w, h] = g._bounding || g.bounding;
+          const p = ds.convertOffsetToCanvas([x, y]), q = ds.convertOffsetToCanvas([x + w, y + h]);
+          a = [Math.min(a[0], p[0]), Math.min(a[1], p[1]), Math.max(a[2], q[0]), Math.max(a[3], q[1])]; }
+        return [r.left + a[0], r.top + a[1], r.left + a[2], r.top + a[3]]; }""")
+    vw, vh = page.viewport_size["width"], page.viewport_size["height"]
+    x0, y0, x1, y1 = max(0, x0 - 8), max(0, y0 - 8), min(vw, x1 + 8), min(vh, y1 + 8)
+    return page.screenshot(clip={"x": x0, "y": y0, "width": x1 - x0, "height": y1 - y0})
+
+
+def run_and_capture(page, name, spec, graph, screen_path=None) -> bytes:
+    """Open the built template, run it as shipped when it can run (the nodes then show their pictures) and return the
+    framed screenshot; also save a full-page one to screen_path."""
+    ui_browser.load_ui(page, graph, name)
+    if spec.get("runs"):
+        ui_browser.queue(page, timeout_s=900)
+        page.wait_for_timeout(1500)  # previews load after the executed events
+    shot = framed_screenshot(page)
+    if screen_path:
+        os.makedirs(os.path.dirname(screen_path), exist_ok=True)
+        page.screenshot(path=screen_path)
+    return shot
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--only", nargs="*", default=None, help="workflow names (default: all)")
+    p.add_argument("--only", nargs="*", default=None, help="template names or their number (default: all)")
+    p.add_argument("--no-thumbnails", action="store_true", help="skip running the templates for their thumbnails")
     p.add_argument("--comfyui", default=None)
     a = p.parse_args(argv)
-    names = a.only or list(SPECS)
+    names = [n for n in SPECS if a.only is None or any(n == o or n.split(" ")[0] == o for o in a.only)]
     with tempfile.TemporaryDirectory(prefix="idfusion_ui_build_") as base:
         ui_browser.seed_user_settings(base)
         with comfy_server.ComfyServer(a.comfyui, base) as server, ui_browser.Browser() as browser:
             page = browser.open(server.url)
             for name in names:
-                graph = build(page, name, SPECS[name])
+                spec = SPECS[name]
+                graph = build(page, name, spec)
                 path = os.path.join(WORKFLOWS, f"{name}.json")
-                tmp = path + ".tmp"
-                with open(tmp, "w") as f:
-                    json.dump(graph, f, indent=1)
-                    f.write("\n")
-                os.replace(tmp, path)
+                write_atomic(path, (json.dumps(graph, indent=1) + "\n").encode())
                 print(path)
+                if not a.no_thumbnails:
+                    screen = os.path.join(ROOT, "docs", "screens", "demo_template_ui.png") \
+                        if spec["twin"] == "idfusion_synthetic_demo_api.json" else None
+                    fresh = browser.open(server.url)  # one tab, as a user who just opened the template sees it
+                    shot = run_and_capture(fresh, name, spec, graph, screen)
+                    fresh.close()
+                    write_atomic(os.path.join(WORKFLOWS, f"{name}.jpg"), thumbnail(shot, spec["describe"]))
+                    print(os.path.join(WORKFLOWS, f"{name}.jpg"))
 
 
 if __name__ == "__main__":

@@ -162,6 +162,10 @@ class ComfyClient:
             info = json.loads(self._http("POST", "/upload/image", body, f"multipart/form-data; boundary={boundary}", 120))
         except urllib.error.HTTPError as e:
             raise ComfyServerError(f"Uploading {path} failed with HTTP {e.code}: {e.read().decode(errors='replace')[:500]}") from None
+        # a server's answer of another shape is this upload's error, not a KeyError in the caller
+        if not isinstance(info, dict) or not isinstance(info.get("name"), str) or not info["name"] \
+                or not isinstance(info.get("subfolder") or "", str):
+            raise ComfyServerError(f"{self.url} answered the upload of {path} without a file name: {str(info)[:200]}")
         return f"{info['subfolder']}/{info['name']}" if info.get("subfolder") else info["name"]
 
     def view(self, image: dict, timeout: float = 120.0) -> bytes:
@@ -189,8 +193,10 @@ class ComfyClient:
             details = e_.get("details", "") if isinstance(e_, dict) else ""
             raise ComfyServerError(f"The server rejected the prompt: {msg}" + (f" ({details})" if details else "")
                                    + ("\n" + format_node_errors(err.get("node_errors")) if err.get("node_errors") else "")) from None
-        if r.get("node_errors"):
+        if isinstance(r, dict) and r.get("node_errors"):
             raise ComfyServerError("The server reported node errors:\n" + format_node_errors(r["node_errors"]))
+        if not isinstance(r, dict) or not isinstance(r.get("prompt_id"), str):
+            raise ComfyServerError(f"{self.url} answered POST /prompt without a prompt_id: {str(r)[:200]}")
         return r["prompt_id"]
 
     def wait(self, prompt_id: str, timeout: float = 300.0, poll: float = 0.5) -> dict:

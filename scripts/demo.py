@@ -2,15 +2,15 @@
 
     .hosts/0.3.75/venv/bin/python scripts/demo.py [--host 0.3.75|0.3.52] [--reference N] [--out DIR]
 
-The pack ships a small cartoon-faces base model (models/synthetic_faces.safetensors), its IDFusion adapter
-(models/idfusion/synthetic_faces_adapter.safetensors) and reference faces of 8 identities the adapter never saw in
-training (workflows/assets/synthetic/). The demo starts ComfyUI (main.py --cpu), uploads one reference and queues
-workflows/api/idfusion_synthetic_demo_api.json for three prompts (another expression, another pose, another
-background): each run samples the same seed with and without the identity. Then it queues
+The pack ships a small synthetic-faces base model (models/synthetic_faces.safetensors) and its IDFusion adapter
+(models/idfusion/synthetic_faces_adapter.safetensors), and example references (workflows/assets/synthetic/): faces
+drawn fresh from a continuous identity space (no model saw them in training) and an extrapolation face whose hair hue
+no training face had. The demo starts ComfyUI (main.py --cpu) and queues workflows/api/idfusion_synthetic_demo_api.json
+for three prompts (another expression, another pose, another background) and for the extrapolation face: each run
+samples the same seed with and without the identity. Then it queues
 workflows/api/idfusion_synthetic_two_identities_api.json (two references, left/right region masks). It writes one
-contact sheet (reference | with identity | without), prints its path, and prints which of the 8 identities the
-pack's attribute classifier (models/classifier/) sees in every picture, against chance (1 in 8).
-"""
+contact sheet (reference | with identity | without) and prints, for every picture, the measured errors against its
+reference (colours in CIELAB ΔE, shape in pixels), read by fitting the domain's renderer to the picture."""
 from __future__ import annotations
 
 import argparse
@@ -36,6 +36,7 @@ PROMPTS = [("another expression", "a photo of a person, crying, facing front, gr
            ("another pose", "a photo of a person, smiling, facing left, grey background"),
            ("another background", "a photo of a person, smiling, facing front, teal background")]
 TWO_PROMPT = "two people, smiling, teal background"
+ODD_PROMPT = "a photo of a person, neutral, facing right, orange background"
 
 
 def by_title(prompt: dict, title: str) -> list[str]:
@@ -45,11 +46,8 @@ def by_title(prompt: dict, title: str) -> list[str]:
     return ids
 
 
-def fill(prompt: dict, references: list[str], text: str, seed: int) -> dict:
+def fill(prompt: dict, text: str, seed: int) -> dict:
     prompt = json.loads(json.dumps(prompt))
-    for title, name in zip(("reference", "reference 2"), references):
-        for nid in by_title(prompt, title):
-            prompt[nid]["inputs"]["image"] = name
     for nid in by_title(prompt, "prompt"):
         prompt[nid]["inputs"]["text"] = text
     for nid, node in prompt.items():   # every sampler: the same seed, with and without the identity
@@ -70,28 +68,31 @@ def pictures(client, entry: dict) -> dict:
     return out
 
 
-class Judge:
-    """The pack's attribute classifier: which of the 8 unseen identities a picture shows."""
+class Instrument:
+    """What a picture shows, read by fitting the domain's renderer to it (benchmarks/synthetic/fit.py), compared with a
+    reference's true identity (workflows/assets/synthetic/identities.json): colours in CIELAB ΔE, shape in pixels."""
 
-    def __init__(self, listing: list[dict], classifier: str):
-        import torch
-        from safetensors.torch import load_file
+    def __init__(self):
         import domain as D
-        self.D, self.torch = D, torch
-        self.clf = D.AttributeClassifier()
-        self.clf.load_state_dict({k: v.float() for k, v in load_file(classifier).items()})
-        self.candidates = [r["identity"] for r in listing]
+        import fit as F
+        self.D, self.F = D, F
 
-    def __call__(self, image, box=None):
-        """-> (index of the identity it sees, its probability among the 8, expression/pose/background read)."""
+    def read(self, images):
+        """PIL pictures of one face at the model's resolution -> the fit's reads."""
         import numpy as np
-        D, torch = self.D, self.torch
-        im = image.crop(box) if box else image
-        x = D.to_tensor([np.asarray(im.resize((D.SIZE, D.SIZE), resample=4))])   # box filter back to 32 px
-        lp = self.clf.log_probs(x)
-        p = torch.softmax(D.identity_scores(lp, self.candidates), 1)[0]
-        scene = {k: D.ALL_ATTRS[k][int(lp[k].argmax(1))] for k in D.SCENE_ATTRS}
-        return int(p.argmax()), float(p.max()), scene
+        D = self.D
+        x = D.to_tensor([np.asarray(im.convert("RGB").resize((D.SIZE, D.SIZE), resample=4)) for im in images])
+        return self.F.fit(x)
+
+    def describe(self, read, truth: dict) -> str:
+        D, F = self.D, self.F
+        e = F.identity_errors(read["identity"], D.from_json(truth))
+        geometry = ", ".join(f"{k.replace('_', ' ')} {e[k]:.1f}" for k in D.GEOMETRY)
+        return (f"skin ΔE {e['skin']:.1f}, hair ΔE {e['hair']:.1f}, eyes ΔE {e['eyes']:.1f}; px: {geometry}; "
+                f"reads {read['expression']}, {read['pose']}, {read['background']} background")
+
+    def nearer(self, read, truths: list[dict]) -> int:
+        return int(self.F.distance(read["identity"], [self.D.from_json(t) for t in truths]).argmin())
 
 
 def contact_sheet(rows: list[tuple[str, list]], path: str, scale: int = 3):
@@ -117,13 +118,23 @@ def contact_sheet(rows: list[tuple[str, list]], path: str, scale: int = 3):
     os.replace(tmp, path)
 
 
+def set_reference(server, prompt: dict, title: str, folder: str, name: str):
+    """Point the workflow's reference node at a shipped example face: IDFusion Example Reference takes its name;
+    a plain LoadImage gets it uploaded."""
+    for nid in by_title(prompt, title):
+        if prompt[nid]["class_type"] == "LoadImage":
+            prompt[nid]["inputs"]["image"] = server.upload_image(os.path.join(folder, name))
+        else:
+            prompt[nid]["inputs"]["image"] = name
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="IDFusion demo: identity transfer on the pack's own model, through a real ComfyUI server.")
     p.add_argument("--host", default="0.3.75", help="pinned host version under .hosts/ (default 0.3.75)")
     p.add_argument("--comfyui", default=None, help="ComfyUI directory (overrides --host)")
     p.add_argument("--python", default=None, help="Python of the host (default: its venv)")
     p.add_argument("--base", default=os.path.join(ROOT, ".hosts", "demo-synthetic"), help="server base directory")
-    p.add_argument("--reference", type=int, default=0, help="which unseen identity is the reference (0-7)")
+    p.add_argument("--reference", type=int, default=0, help="which fresh identity is the reference (0-7)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", default=os.path.join(ROOT, "out", "demo"), help="where the contact sheet goes")
     p.add_argument("--references", default=REFERENCES, help="folder with identities.json and the reference PNGs")
@@ -134,60 +145,65 @@ def main(argv=None) -> int:
         print(f"demo: no ComfyUI host at {comfyui_dir}. Run `make setup` first.", file=sys.stderr)
         return 2
     listing_path = os.path.join(a.references, "identities.json")
-    classifier = os.path.join(MODELS, "classifier", "synthetic_faces_classifier.safetensors")
     for f in (os.path.join(MODELS, "synthetic_faces.safetensors"),
-              os.path.join(MODELS, "idfusion", "synthetic_faces_adapter.safetensors"), classifier, listing_path):
+              os.path.join(MODELS, "idfusion", "synthetic_faces_adapter.safetensors"), listing_path):
         if not os.path.isfile(f):
             print(f"demo: {f} is missing: it ships with the pack; rebuild it with `make synthetic`.", file=sys.stderr)
             return 2
     listing = json.load(open(listing_path))["references"]
-    if not 0 <= a.reference < len(listing):
-        print(f"demo: --reference must be 0..{len(listing) - 1}", file=sys.stderr)
+    fresh = [r for r in listing if r["kind"] == "fresh"]
+    extrapolation = [r for r in listing if r["kind"] == "extrapolation"]
+    if not 0 <= a.reference < len(fresh) or not extrapolation:
+        print(f"demo: --reference must be 0..{len(fresh) - 1}, and identities.json must list an extrapolation face", file=sys.stderr)
         return 2
-    second = (a.reference + 1) % len(listing)
+    ref, partner, odd = fresh[a.reference], fresh[(a.reference + 1) % len(fresh)], extrapolation[0]
     os.makedirs(a.out, exist_ok=True)
     python = a.python or comfy_server.default_python(comfyui_dir)
     t0 = time.monotonic()
     from PIL import Image
-    judge = Judge(listing, classifier)
-    ref_img = Image.open(os.path.join(a.references, listing[a.reference]["file"])).convert("RGB")
-    ref2_img = Image.open(os.path.join(a.references, listing[second]["file"])).convert("RGB")
+    instrument = Instrument()
+    image = {r["file"]: Image.open(os.path.join(a.references, r["file"])).convert("RGB") for r in (ref, partner, odd)}
     server = comfy_server.ComfyServer(comfyui_dir, os.path.abspath(a.base), python=python)
     print(f"[demo] starting ComfyUI ({comfyui_dir}); log: {server.log_path}", flush=True)
-    rows, lines = [], []
+    rows, measured = [], []   # measured: (label, picture, the reference it should show)
     try:
         with server.start(timeout=300):
             server.check_nodes(["IDFusionSyntheticModelLoader", "IDFusionApply", "IDFusionApplyMultiIdentity"])
-            refs = [server.upload_image(os.path.join(a.references, listing[i]["file"])) for i in (a.reference, second)]
             one, two = comfy_server.load_workflow(ONE), comfy_server.load_workflow(TWO)
-            for what, text in PROMPTS:
-                entry = server.wait(server.queue(fill(one, refs[:1], text, a.seed)), timeout=300)
-                got = pictures(server, entry)
+            for what, text, r in [*((w, t, ref) for w, t in PROMPTS), ("extrapolation reference", ODD_PROMPT, odd)]:
+                prompt = fill(one, text, a.seed)
+                set_reference(server, prompt, "reference", a.references, r["file"])
+                got = pictures(server, server.wait(server.queue(prompt), timeout=300))
                 with_id, without = got["with_identity"], got["without_identity"]
-                rows.append((f"{what}: '{text}'   reference | with identity | without (same seed)", [ref_img, with_id, without]))
-                for label, im in (("with identity", with_id), ("without", without)):
-                    k, prob, scene = judge(im)
-                    mark = "= the reference" if k == a.reference else "(not the reference)"
-                    lines.append(f"  {what:19s} {label:13s}: classifier sees identity {k} {mark}, p={prob:.2f}; "
-                                 f"reads {scene['expression']}, {scene['pose']}, {scene['background']}")
-            entry = server.wait(server.queue(fill(two, refs, TWO_PROMPT, a.seed)), timeout=300)
-            pic = pictures(server, entry)["two_identities"]
+                rows.append((f"{what}: '{text}'   reference | with identity | without (same seed)", [image[r["file"]], with_id, without]))
+                measured += [(f"{what:23s} with identity", with_id, r), (f"{what:23s} without     ", without, r)]
+            prompt = fill(two, TWO_PROMPT, a.seed)
+            set_reference(server, prompt, "reference", a.references, ref["file"])
+            set_reference(server, prompt, "reference 2", a.references, partner["file"])
+            pic = pictures(server, server.wait(server.queue(prompt), timeout=300))["two_identities"]
             rows.append((f"two identities with region masks: '{TWO_PROMPT}'   left ref | right ref | picture",
-                         [ref_img, ref2_img, pic]))
+                         [image[ref["file"]], image[partner["file"]], pic]))
             half = pic.width // 2
-            for side, box, want in (("left half", (0, 0, half, pic.height), a.reference),
-                                    ("right half", (half, 0, pic.width, pic.height), second)):
-                k, prob, _ = judge(pic, box)
-                mark = "= its own reference" if k == want else f"(its reference is {want})"
-                lines.append(f"  two identities {side:10s}: classifier sees identity {k} {mark}, p={prob:.2f}")
+            measured += [("two identities, left half ", pic.crop((0, 0, half, pic.height)), ref),
+                         ("two identities, right half", pic.crop((half, 0, pic.width, pic.height)), partner)]
     except comfy_server.ComfyServerError as e:
         print(f"demo FAILED: {e}", file=sys.stderr)
         return 1
     sheet = os.path.abspath(os.path.join(a.out, "idfusion_demo_sheet.png"))
     contact_sheet(rows, sheet)
-    print(f"[demo] reference: identity {a.reference} ({', '.join(f'{k} {v}' for k, v in listing[a.reference]['identity'].items())})")
-    print(f"[demo] which of the 8 unseen identities the classifier sees (chance: 1 in 8 = 12.5%):")
-    print("\n".join(lines))
+    reads = instrument.read([m[1] for m in measured])
+    D = instrument.D
+    print(f"[demo] reference: {ref['file']}, an identity no model saw in training; extrapolation reference: {odd['file']} "
+          f"(hair hue in {D.HAIR_HUE_BAND[0]:.0f}-{D.HAIR_HUE_BAND[1]:.0f} degrees, a band no training face has)")
+    print("[demo] errors against the picture's reference, read by fitting the renderer (calibration and figures: "
+          "docs/synthetic_identity.md). Without the identity the face is random: those errors are the baseline.")
+    for (label, _, truth), read in zip(measured, reads):
+        print(f"  {label}: {instrument.describe(read, truth['identity'])}")
+    for label, read, own, other in (("left", reads[-2], ref, partner), ("right", reads[-1], partner, ref)):
+        k = instrument.nearer(read, [own["identity"], other["identity"]])
+        print(f"  two identities: the {label} half is nearer to {'its own reference' if k == 0 else 'the OTHER reference'}")
+    hue = float(D.hue(reads[len(PROMPTS) * 2]["identity"]["hair"]))
+    print(f"  extrapolation: hair hue read {hue:.0f} degrees (reference {float(D.hue(D.from_json(odd['identity'])['hair'])):.0f})")
     print(f"[demo] done in {time.monotonic() - t0:.0f}s. Contact sheet:")
     print(sheet)
     return 0

@@ -93,7 +93,9 @@ def main(argv=None) -> int:
             server.check_nodes(comfy_server.pack_node_names())
             print(f"[demo] server up at {server.url}, IDFusion nodes registered; queueing {WORKFLOW}", flush=True)
             t1 = time.monotonic()
-            images = server.run(comfy_server.load_workflow(WORKFLOW), timeout=a.timeout)
+            prompt = comfy_server.load_workflow(WORKFLOW)
+            prompt["1"]["inputs"]["ckpt_name"] = CKPT_NAME  # the workflow names the usual SD1.5 file
+            images = server.run(prompt, timeout=a.timeout)
             print(f"[demo] prompt finished in {time.monotonic() - t1:.1f}s", flush=True)
     except comfy_server.ComfyServerError as e:
         print(f"demo FAILED: {e}", file=sys.stderr)

@@ -63,10 +63,13 @@ class Browser:
         """A new page on the ComfyUI app, ready (node definitions registered, extensions loaded); page.idf_errors
         collects page errors and console errors for the tests to inspect."""
         page = self._browser.new_page(viewport=self.size)
+        # the "Introducing Nodes 2.0" banner (frontend 1.32.9) would cover the top of every screenshot: dismissed, as
+        # its close button does (a localStorage flag)
+        page.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")
         page.idf_errors = []
         page.on("pageerror", lambda e: page.idf_errors.append(f"pageerror: {e}"))
         page.on("console", lambda m: m.type == "error" and page.idf_errors.append(f"console: {m.text}"))
-        page.goto(url)
+        page.goto(url, timeout=120_000)  # a loaded shared machine can take more than the 30 s default
         page.wait_for_function("window.app && window.app.graph && window.LiteGraph && window.app.canvas"
                                " && Object.keys(LiteGraph.registered_node_types).length > 50", timeout=90_000)
         page.wait_for_function("window.app.extensions && window.app.extensions.length > 0", timeout=30_000)
@@ -87,16 +90,30 @@ _LISTEN = """async () => {
 
 
 def close_dialogs(page):
-    """Close whatever dialog a page load opened (templates browser, missing nodes): Escape, as a user would."""
-    for _ in range(3):
-        if not page.locator(".p-dialog").count():
+    """Close whatever dialog a page load opened (templates browser, missing nodes): Escape, as a user would. A mask
+    left behind with no dialog in it (seen on a loaded machine after the templates browser closed) blocks every click:
+    then the page is reloaded, as a user would, and made ready again."""
+    for _ in range(10):  # a closing (or still opening) dialog's mask also blocks clicks: wait until it is gone
+        if not page.locator(".p-dialog, .p-dialog-mask").count():
             return
+        if page.locator(".p-dialog").count():
+            page.keyboard.press("Escape")
+        page.wait_for_timeout(300)
+    page.reload(timeout=120_000)
+    page.wait_for_function("window.app && window.app.graph && window.LiteGraph && window.app.canvas"
+                           " && Object.keys(LiteGraph.registered_node_types).length > 50", timeout=90_000)
+    page.wait_for_function("window.app.extensions && window.app.extensions.length > 0", timeout=30_000)
+    for _ in range(10):
+        if not page.locator(".p-dialog, .p-dialog-mask").count():
+            break
         page.keyboard.press("Escape")
-        page.wait_for_timeout(200)
+        page.wait_for_timeout(300)
+    page.evaluate(_LISTEN)
 
 
 def load_ui(page, workflow: dict, name: str = "workflow"):
-    """app.loadGraphData, what dropping a UI-format file on the canvas does."""
+    """app.loadGraphData, what dropping a UI-format file on the canvas does (on a page with no dialog in the way)."""
+    close_dialogs(page)
     page.evaluate("([wf, name]) => app.loadGraphData(wf, true, true, name)", [workflow, name])
     page.wait_for_timeout(300)
 
@@ -161,11 +178,29 @@ def fit_all(page):
     page.wait_for_timeout(300)
 
 
-def queue(page, timeout_s: float = 300.0) -> dict:
-    """Queue the graph as the Queue button does and wait for execution_success (or raise on execution_error).
-    Returns window.__idf: executed events (node, output), success and train messages."""
+def reset_events(page):
     page.evaluate("() => { window.__idf.executed = []; window.__idf.success = []; window.__idf.errors = []; window.__idf.train = []; }")
-    page.evaluate("() => app.queuePrompt(0, 1)")
+
+
+def press_run(page):
+    """Click the action bar's Run button, as a user does."""
+    page.get_by_role("button", name="Run", exact=True).first.click()
+
+
+def error_dialog_text(page, timeout_s: float = 30.0) -> str:
+    """The text of the error dialog the page opens when the server refuses a prompt (validation errors)."""
+    page.wait_for_selector(".p-dialog", timeout=timeout_s * 1000)
+    return page.evaluate("() => [...document.querySelectorAll('.p-dialog')].map((d) => d.innerText).join('\\n')")
+
+
+def queue(page, timeout_s: float = 300.0, click: bool = False) -> dict:
+    """Queue the graph as the Run button does (click=True: by clicking it) and wait for execution_success (or raise
+    on execution_error). Returns window.__idf: executed events (node, output), success and train messages."""
+    reset_events(page)
+    if click:
+        press_run(page)
+    else:
+        page.evaluate("() => app.queuePrompt(0, 1)")
     page.wait_for_function("window.__idf.success.length + window.__idf.errors.length > 0"
                            " || document.querySelector('.comfy-missing-nodes, .p-dialog .error, [data-testid=\"error-dialog\"]')",
                            timeout=timeout_s * 1000)

@@ -116,7 +116,11 @@ def huge_tensor_file(kind):
                                                                         "data_offsets": [0, 40000 * 40000 * 4]}}, b"\0" * 64)
 
 
+DEEP = "[" * 100_000 + "]" * 100_000  # issue 18: json.loads raised RecursionError, which is not a ValueError
+
 COMMON = {
+    "layers_nested_100000_deep": meta("layers", DEEP),
+    "layers_longer_than_1_MB": meta("layers", "[" + " " * (1 << 20) + "]"),
     "layers_bad_json": meta("layers", "[{not json"),
     "layers_not_a_list": meta("layers", '{"key": 1}'),
     "layers_empty": meta("layers", "[]"),
@@ -171,6 +175,7 @@ ADAPTER = {
     "weight_near_float_max": tensor_edit("to_k_f.weight", setval(3e38)),
     "weight_absurd_1e5": tensor_edit("to_k_f.weight", setval(1e5)),
     "reference_encoding_bad_json": meta("reference_encoding", "{mode: cached"),
+    "reference_encoding_nested_deep": meta("reference_encoding", '{"mode": ' + DEEP + "}"),
     "reference_encoding_not_object": meta("reference_encoding", '["cached"]'),
     "reference_encoding_unknown_mode": meta("reference_encoding", '{"mode": "sometimes", "timestep": 0, "text": "zeros"}'),
     "reference_encoding_timestep_out_of_range": meta("reference_encoding", '{"mode": "cached", "timestep": 5000, "text": "zeros"}'),
@@ -188,6 +193,7 @@ IDENTITY = {
     "references_fewer_than_stored": meta("references", "1"),
     "encoding_missing": meta("encoding", None),
     "encoding_bad_json": meta("encoding", "{"),
+    "encoding_nested_deep": meta("encoding", DEEP),
     "encoding_unknown_text": meta("encoding", '{"mode": "cached", "timestep": 0, "text": "loud"}'),
     "name_with_newline": meta("name", "ann\nrm -rf"),
     "name_too_long": meta("name", "a" * 1000),
@@ -218,6 +224,9 @@ COMPACT = {  # format 2: no h_f; the latents are what the reference pass will ru
     "latent_missing": drop("ref1.latent"),
     "latent_nan": tensor_edit("ref0.latent", setval(float("nan"))),
     "latent_side_beyond_4096_px": tensor_edit("ref0.latent", lambda x: torch.zeros(1, 4, 2, 600)),
+    # issue 18: a 256x256 latent was under the per-side cap and hung the server in its reference pass
+    "latent_256x256_beyond_the_reference_pass_bound": tensor_edit("ref0.latent", lambda x: torch.zeros(1, 4, 256, 256)),
+    "context_of_3000_tokens": tensor_edit("context", lambda x: torch.zeros(1, 3000, x.shape[2])),
     "latent_int8": tensor_edit("ref1.latent", lambda x: x.to(torch.int8)),
     "h_f_in_a_compact_file": add("ref0.input.1.0.h_f", torch.zeros(6, 32)),
     "context_missing": drop("context"),

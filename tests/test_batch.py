@@ -255,7 +255,7 @@ def batch_kind(kind, inputs, tmp):
     if kind == "core":
         expected = {(f"face{i}.png", p, s) for i in range(3) for p in ("alpha", "beta") for s in (2, 3, 4, 5)}
         return inputs / "workflow.json", cross_args(inputs), 1, SIZE, "prompt.filename_prefix", "seed.blur_radius", expected
-    # the shipped synthetic faces model (issue 9): 20-step generations with and without the identity, 64 px
+    # the shipped synthetic faces model (issue 9): 4-step generations with and without the identity
     if not all(map(os.path.exists, (SYNTHETIC_MODEL, SYNTHETIC_ADAPTER, SYNTHETIC_WORKFLOW))):
         pytest.skip("the synthetic faces model (models/synthetic_faces.safetensors, its adapter and workflow) has "
                     "not landed yet")
@@ -271,7 +271,15 @@ def batch_kind(kind, inputs, tmp):
             "--seed-input", "KSampler.seed",  # both samplers (with and without the identity): by class type
             "--set", "KSampler.steps=4"]  # 24 jobs x 2 samplings on a shared 2-core machine: keep it short
     expected = {(r, p, s) for r in os.listdir(refs) for p in prompts for s in (2, 3, 4, 5)}
-    return SYNTHETIC_WORKFLOW, args, 2, 64, "prompt.text", "KSampler.seed", expected
+    # the references go through LoadImage (uploaded by the runner), whatever node the template uses to offer its
+    # shipped example faces
+    workflow = json.load(open(SYNTHETIC_WORKFLOW))
+    for nid, node in workflow.items():
+        if (node.get("_meta") or {}).get("title") == "reference" and node["class_type"] != "LoadImage":
+            workflow[nid] = {"class_type": "LoadImage", "inputs": {"image": "none.png"}, "_meta": {"title": "reference"}}
+    (tmp / "workflow.json").write_text(json.dumps(workflow))
+    size = next(n["inputs"]["width"] for n in workflow.values() if n["class_type"] == "EmptyLatentImage")
+    return tmp / "workflow.json", args, 2, size, "prompt.text", "KSampler.seed", expected
 
 
 @pytest.fixture(scope="module", params=["core", "synthetic"])
@@ -317,6 +325,14 @@ def test_server_killed_mid_batch_loses_nothing_and_repeats_nothing(killed_batch)
     assert {(os.path.basename(r["values"]["reference.image"]), r["values"][prompt_key], r["values"][seed_key])
             for r in recs} == k["expected"]
     check_outputs(k["out"], recs, k["files"], k["size"])
+    # issue 21: files named by the SaveImage node (its filename_prefix as the job set it), ids by what tells jobs apart
+    for r in recs:
+        names = sorted(os.path.basename(f["file"]) for f in r["outputs"])
+        prompt = r["values"][prompt_key]
+        assert names == ([f"{prompt}_0.png"] if k["files"] == 1 else ["with_identity_0.png", "without_identity_0.png"]), r
+        label = prompt if k["files"] == 1 else "smiling_left_teal" if "smiling" in prompt else "crying_front_orange"
+        assert f"-{label}-" in r["job"] and r["job"].startswith(os.path.splitext(
+            os.path.basename(r["values"]["reference.image"]))[0] + "-"), r["job"]
     late = [r for r in recs if r["server"] == k["victim"] and r["finished"] > time.strftime(
         "%Y-%m-%dT%H:%M:%S", time.gmtime(k["killed_at"] + 1))]
     assert not late, "nothing is recorded from the dead server after the kill"

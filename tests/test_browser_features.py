@@ -206,8 +206,8 @@ def synthetic_inputs(server):
     D = _domain()
     inp = server.dir("input")
     for i in range(2):
-        shutil.copyfile(os.path.join(SYNTHETIC_REFS, f"unseen_{i}.png"), os.path.join(inp, f"unseen_{i}.png"))
-    idents = D.identities(4, seed=5)
+        shutil.copyfile(os.path.join(SYNTHETIC_REFS, f"fresh_{i}.png"), os.path.join(inp, f"fresh_{i}.png"))
+    idents = D.identities("training", 4)
     rng = np.random.default_rng(0)
     for who in range(2):
         d = os.path.join(inp, "idfusion_datasets", "synthetic_faces", f"person_{who}")
@@ -222,8 +222,10 @@ def synthetic_inputs(server):
 
 
 def load_template(page, name, steps=None):
-    """Open a shipped UI workflow; steps: set every KSampler's steps widget, as a user trying it quickly would."""
-    with open(os.path.join(ROOT, "workflows", f"{name}.json")) as f:
+    """Open a shipped UI workflow (by its twin's name, e.g. idfusion_synthetic_demo); steps: set every KSampler's steps
+    widget, as a user trying it quickly would."""
+    import build_ui_workflows  # the template file of each twin
+    with open(os.path.join(ROOT, "workflows", f"{build_ui_workflows.ui_name(name)}.json")) as f:
         ui_browser.load_ui(page, json.load(f), name)
     if steps:
         page.evaluate("(steps) => { for (const n of app.graph._nodes) if (n.type === 'KSampler') {"

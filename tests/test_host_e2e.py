@@ -54,7 +54,7 @@ def server(tmp_path_factory, random_checkpoint):
     control[16:48, 20:44] = (255, 0, 0)
     control[30:34, 8:56] = (0, 0, 255)
     Image.fromarray(control).save(base / "input" / "control.png")
-    os.symlink(random_checkpoint, base / "models" / "checkpoints" / "random_sd15.safetensors")
+    os.symlink(random_checkpoint, base / "models" / "checkpoints" / "v1-5-pruned-emaonly.safetensors")  # the name the workflows use
     os.symlink(cached_file("controlnet", random_models.write_controlnet), base / "models" / "controlnet" / "random_cn.safetensors")
     os.symlink(cached_file("lora", random_models.write_lora), base / "models" / "loras" / "random_lora.safetensors")
     srv = comfy_server.ComfyServer(COMFYUI, str(base), python=sys.executable)

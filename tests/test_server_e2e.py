@@ -25,7 +25,7 @@ def server(tmp_path_factory, random_checkpoint):
     os.makedirs(base / "input")
     os.makedirs(base / "models" / "checkpoints")
     shutil.copyfile(REFERENCE, base / "input" / "idfusion_reference.png")
-    os.symlink(random_checkpoint, base / "models" / "checkpoints" / "random_sd15.safetensors")
+    os.symlink(random_checkpoint, base / "models" / "checkpoints" / "v1-5-pruned-emaonly.safetensors")  # the name the workflows use
     with running_server(str(base)) as srv:
         yield srv
 
@@ -160,7 +160,8 @@ def test_face_benchmark_cli_scores_what_the_evaluate_node_computes(server, tmp_p
     with open(out / "face_benchmark.csv", newline="") as f:
         reader = csv.DictReader(f)
         assert tuple(reader.fieldnames) == ("reference", "prompt", "seed", "face_found", "similarity", "distance",
-                                            "ssim", "psnr", "image", "error")
+                                            "ssim", "psnr", "sim_gt", "copy_paste", "leakage", "id_conf", "faces",
+                                            "image", "error")   # issue 20's identity columns (empty: no ground truth, one face)
         rows = list(reader)
     assert [(x["reference"], x["prompt"], x["seed"]) for x in rows] == \
         [("astronaut.png", p, "7") for p in prompts] + [("broken.jpg", p, "7") for p in prompts]

@@ -1,8 +1,8 @@
-"""The synthetic identity domain behind the shipped model (benchmarks/synthetic, idfusion/synthetic.py): identities
-are told apart by their attributes, captions never name them, held-out scenes are disjoint from training ones, the
-codec is exact, the tiny base model is a ComfyUI UNet this pack can patch, and the trainer takes one step on it
-(x0 model: plain x0 loss). The report itself is `make synthetic` (about 30 minutes); this only guards its
-machinery."""
+"""The continuous synthetic identity domain behind the shipped model (benchmarks/synthetic, idfusion/synthetic.py):
+identities are continuous and fresh per split, captions never name them, held-out scenes are disjoint from training
+ones, the codec is exact, the tiny base model is a ComfyUI UNet this pack can patch, the trainer takes one step on it
+(x0 model: plain x0 loss), and the renderer fit (the instrument, benchmarks/synthetic/fit.py) reads clean drawings.
+The report itself is `make synthetic`; this only guards its machinery."""
 import os
 import sys
 
@@ -12,21 +12,41 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "synthetic"))
 import domain as D  # noqa: E402
+import fit  # noqa: E402,F401  (the instrument: benchmarks/synthetic/fit.py)
 
 from idfusion_pack.idfusion import synthetic  # noqa: E402
 from idfusion_pack.idfusion.adapter import AdapterError, IDFusionAdapter, find_layers  # noqa: E402
 
 
-def test_identities_differ_and_captions_never_name_them():
-    ids = D.identities(8, seed=0)
-    for i, a in enumerate(ids):
-        for b in ids[i + 1:]:
-            assert sum(a[k] != b[k] for k in D.IDENTITY_ATTRS) >= 2
-    words = set(D.vocabulary())
-    assert not words & {v for vals in D.IDENTITY_ATTRS.values() for v in vals}
+def test_identities_are_continuous_fresh_per_split_and_captions_never_name_them():
+    train, evaluation = D.identities("training", 200), D.identities("evaluation", 50)
+    vt = np.stack([D.identity_vector(i) for i in train])
+    ve = np.stack([D.identity_vector(i) for i in evaluation])
+    # a continuous space, not a palette: no two identities share a value, and no evaluation identity is a training one
+    assert len(np.unique(vt[:, 0].round(6))) == len(train)
+    nearest = np.abs((ve[:, None] - vt[None]) / D.identity_scale()).sum(-1).min(1)
+    assert nearest.min() > 0.5, nearest.min()
+    for ident in train + evaluation:
+        for k, (lo, hi) in D.GEOMETRY.items():
+            assert lo <= ident[k] <= hi
+        assert all(lo <= v <= hi for v, (lo, hi) in zip(ident["skin"], D.SKIN_LAB.values()))
+        assert np.all((D.lab_to_srgb(ident["hair"]) >= -1e-9) & (D.lab_to_srgb(ident["hair"]) <= 1 + 1e-9))
+    assert not D.in_band(D.hue(vt[:, 3:6])).any()             # no training hair in the extrapolation band
+    extra = np.stack([D.identity_vector(i) for i in D.identities("extrapolation", 50)])
+    assert D.in_band(D.hue(extra[:, 3:6])).all()
+    assert D.identities("evaluation", 3)[2]["face_w"] == evaluation[2]["face_w"]   # a split's prefix is stable
+    # captions describe the scene only
+    scene_words = {w for v in D.SCENE_ATTRS.values() for x in v for w in x.split()}
+    assert set(D.vocabulary()) <= scene_words | {"a", "photo", "of", "person", "two", "people", "background"}
     tok = synthetic.WordTokenizer(tokenizer_data={"vocabulary": D.vocabulary(), "length": 16})
     with pytest.raises(AdapterError, match=r"does not know: \['blond'\]"):
         tok.tokenize_with_weights("a photo of a blond person")
+
+
+def test_colour_conversions_round_trip():
+    rgb = np.random.default_rng(0).uniform(0, 1, (100, 3))
+    np.testing.assert_allclose(D.lab_to_srgb(D.srgb_to_lab(rgb)), rgb, atol=1e-9)
+    np.testing.assert_allclose(D.srgb_to_lab([1.0, 1.0, 1.0]), [100, 0, 0], atol=1e-3)
 
 
 def test_held_out_scenes_cover_every_value_and_are_never_drawn_for_training():
@@ -42,15 +62,41 @@ def test_held_out_scenes_cover_every_value_and_are_never_drawn_for_training():
 
 def test_render_draws_the_identity_and_the_scene():
     rng = np.random.default_rng(0)
-    ident = D.identities(1)[0]
+    ident = D.identities("evaluation", 1)[0]
     scene = {"expression": "crying", "pose": "facing front", "background": "teal"}
-    im, mask = D.render([ident], scene, rng)
+    im, mask = D.render([ident], scene, rng, jitter=[(0.0, 0.0)])
     assert im.shape == (D.SIZE, D.SIZE, 3) and mask.shape == (D.SIZE, D.SIZE)
-    assert tuple(im[0, 0]) == D.BACKGROUNDS["teal"] and mask[0, 0] == 0 and mask[D.SIZE // 2, D.SIZE // 2] == 1
-    other = D.render([ident], {**scene, "expression": "smiling"}, np.random.default_rng(0))[0]
-    assert (im != other).any(axis=-1).sum() > 4          # the expression shows
-    two, _ = D.render([ident, D.identities(2)[1]], scene, rng)
+    assert tuple(im[0, 0]) == D.BACKGROUNDS["teal"] and mask[0, 0] == 0 and mask[D.SIZE // 2, D.SIZE // 2] > 0.99
+    cheek = im[int(D.SIZE * 0.6), int(D.SIZE * 0.5 - ident["face_w"] * D.SIZE * 0.6)]   # left cheek: skin
+    assert D.delta_e(D.srgb_to_lab(cheek / 255), ident["skin"]) < 1.5
+    width = (mask[int(D.SIZE * 0.53)] > 0.5).sum()          # across the face centre: the face ellipse is widest
+    assert abs(width - 2 * ident["face_w"] * D.SIZE) < 3
+    other = D.render([ident], {**scene, "expression": "smiling"}, rng, jitter=[(0.0, 0.0)])[0]
+    assert (im != other).any(axis=-1).sum() > 20          # the expression shows
+    two, _ = D.render([ident, D.identities("evaluation", 2)[1]], scene, rng)
     assert two.shape == (D.SIZE, 2 * D.SIZE, 3)
+    assert 2 * D.GEOMETRY["face_w"][0] * D.SIZE >= 64     # every face is at least 64 px wide
+
+
+def test_the_instrument_reads_drawings_of_fresh_identities_and_tells_them_apart():
+    """The renderer fit on clean drawings: colours within a few ΔE, geometry within a pixel, the scene exactly, and
+    each picture retrieves its own identity among 100, not another's (the same reads against shuffled truths)."""
+    import fit as F
+    rng = np.random.default_rng(1)
+    ids = D.identities("evaluation", 8)
+    scenes = [D.random_scene(rng) for _ in ids]
+    pics, _ = D.render_batch([[i] for i in ids], scenes, rng.uniform(-D.JITTER, D.JITTER, (8, 1, 2)))
+    reads = F.fit(pics)
+    s = F.summarise(reads, ids, scenes)
+    assert s["skin"]["mean"] < 2 and s["hair"]["mean"] < 2 and s["eyes"]["mean"] < 8, s
+    assert all(s[k]["mean"] < 1.0 for k in D.GEOMETRY), s
+    assert all(s[k]["p"] == 1.0 for k in D.SCENE_ATTRS), s
+    cands = D.identities("candidates", 99)
+    assert all(F.retrieval_rank(r["identity"], 0, [t] + cands) == 0 for r, t in zip(reads, ids))
+    shuffled = ids[1:] + ids[:1]
+    assert sum(F.retrieval_rank(r["identity"], 0, [t] + cands) == 0 for r, t in zip(reads, shuffled)) == 0
+    drawn = F.redraw(reads) * 2 - 1                           # what the fit saw is what the picture shows
+    assert (drawn - pics).abs().mean() < 0.02
 
 
 def test_codec_is_exact_on_the_models_pictures_and_matches_the_training_latents():
@@ -81,7 +127,7 @@ def test_tiny_base_model_is_patchable_and_trains_an_adapter_step(tmp_path):
     vocab = D.vocabulary()
     clip = synthetic.make_clip(vocab, unet["context_dim"], 16)
     rng = np.random.default_rng(0)
-    for i, ident in enumerate(D.identities(2)):
+    for i, ident in enumerate(D.identities("training", 2)):
         os.makedirs(tmp_path / f"id{i}")
         for j in range(2):
             scene = D.random_scene(rng)
@@ -96,3 +142,24 @@ def test_tiny_base_model_is_patchable_and_trains_an_adapter_step(tmp_path):
     assert np.isfinite(t.losses[0][1])
     assert all(not torch.equal(before[k], v) for k, v in t.adapter.state_tensors().items())
     assert IDFusionAdapter.load(str(tmp_path / "out" / "tiny.safetensors")).family == "SyntheticFaces"
+
+    # the token budget, trained (issue 17): pooled training pools h_f at exactly the layers, and in exactly the way,
+    # that IDFusion Apply pools at inference, so an adapter trained pooled sees at inference what it was trained on
+    from idfusion_pack.idfusion.patch import Entry, Fusion
+    pooled = Trainer(patcher, clip, synthetic.PixelCodec(D.POOL, D.FACTOR), FaceDataset(str(tmp_path), D.PICTURE),
+                     str(tmp_path / "out_pooled"), "tiny_pooled", TrainConfig(**{**cfg.__dict__, "reference_tokens": "pooled"}))
+    g = torch.Generator().manual_seed(0)
+    h_f = {l.key: torch.randn(2, (12 * 12) // (4 if l.channels > 32 else 1), l.channels, generator=g) for l in layers}
+    got = pooled.token_budget(h_f, (12, 12))
+    infer = Fusion(pooled.adapter, [], reference_tokens="pooled")
+    latent = torch.zeros(1, 3 * D.FACTOR ** 2, 12, 12)
+    changed = 0
+    for l in layers:
+        want = torch.stack([infer._tokens(l, h, latent) for h in h_f[l.key]])
+        assert torch.equal(got[l.key], want), l.key
+        changed += got[l.key].shape[1] != h_f[l.key].shape[1]
+    assert changed == 3           # the three 12x12 layers (first input, last two output), 144 -> 36 tokens
+    assert all(torch.equal(t.token_budget(h_f, (12, 12))[k], v) for k, v in h_f.items())   # 'all' pools nothing
+    with torch.inference_mode():
+        pooled.run()
+    assert np.isfinite(pooled.losses[0][1])

@@ -80,7 +80,7 @@ def synthetic_dataset(root):
     sys.path.insert(0, os.path.join(ROOT, "benchmarks", "synthetic"))
     import domain as D
     rng = np.random.default_rng(0)
-    for k, ident in enumerate(D.identities(2, seed=0)):
+    for k, ident in enumerate(D.identities("training", 2)):
         folder = _mkdir(root / f"person{k}")
         for i in range(2):
             scene = D.random_scene(rng)

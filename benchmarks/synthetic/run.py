@@ -34,12 +34,12 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path[:0] = [HERE, os.path.join(ROOT, "scripts")]
 
 SCALES = {
-    "cpu": dict(base_steps=4000, base_batch=32, channels=64, pred="x0", clf_steps=600, train_ids=0, per_id=12,
-                adapter_steps=2000, adapter_batch=16, samples=16, eval_steps=20),
-    "smoke": dict(base_steps=20, base_batch=8, channels=32, pred="x0", clf_steps=20, train_ids=16, per_id=2,
-                  adapter_steps=4, adapter_batch=4, samples=2, eval_steps=3),   # wiring check only
+    "cpu": dict(base_steps=2400, base_batch=16, channels=64, pred="x0", train_ids=2000, pool=(6000, 1500),
+                then=[(2000, 5e-4, "min-snr-5")],
+                per_id=3, adapter_steps=1500, adapter_batch=16, samples=256, eval_steps=16),
+    "smoke": dict(base_steps=20, base_batch=4, channels=32, pred="x0", train_ids=16, pool=(64, 16), then=[(10, 5e-4, "min-snr-5")],
+                  per_id=2, adapter_steps=4, adapter_batch=4, samples=4, eval_steps=3),   # wiring check only
 }
-N_EVAL = 8       # unseen identities (chance = 1/8)
 CFG = 3.0
 SEED = 0
 
@@ -58,32 +58,24 @@ def key(d: dict) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def split_identities(s):
-    """8 evaluation identities, pairwise at least 2 attributes apart; the adapter trains on the others (all of
-    them at --scale cpu, so it has to learn to copy attributes, not to remember faces)."""
-    import domain as D
-    unseen = D.identities(N_EVAL, seed=SEED)
-    rest = [c for c in D.every_identity() if c not in unseen]
-    train = rest[: s["train_ids"]] if s["train_ids"] else rest
-    return train, unseen
-
-
 # ---- stage 1-2: base model ---------------------------------------------------------------------
-def render_pool(n_single, n_double, seed):
+def render_pool(s, seed):
+    """Training pictures for the base model: random training identities in random scenes (uint8 drawings), with
+    their captions; a fifth as many pictures of two people side by side."""
     import domain as D
     rng = np.random.default_rng(seed)
-    combos = D.every_identity()   # the base model is generic
-    singles, s_caps, doubles, d_caps = [], [], [], []
-    for _ in range(n_single):
-        scene = D.random_scene(rng)
-        singles.append(D.render([combos[rng.integers(len(combos))]], scene, rng)[0])
-        s_caps.append(D.caption(scene))
-    for _ in range(n_double):
-        scene = {**D.random_scene(rng), "pose": "facing front"}
-        a, b = rng.choice(len(combos), 2, replace=False)
-        doubles.append(D.render([combos[a], combos[b]], scene, rng)[0])
-        d_caps.append(D.caption(scene, two=True))
-    return D.to_tensor(singles), s_caps, D.to_tensor(doubles), d_caps
+    train = D.identities("training", s["train_ids"])
+    out = []
+    for n, two in zip(s["pool"], (False, True)):
+        pics, caps = [], []
+        for start in range(0, n, 256):
+            m = min(256, n - start)
+            scenes = [{**D.random_scene(rng), **({"pose": "facing front"} if two else {})} for _ in range(m)]
+            faces = [[train[j] for j in rng.choice(len(train), 2 if two else 1, replace=False)] for _ in range(m)]
+            pics.append(D.to_uint8(D.render_batch(faces, scenes, rng.uniform(-D.JITTER, D.JITTER, (m, 2 if two else 1, 2)))[0]))
+            caps += [D.caption(sc, two=two) for sc in scenes]
+        out += [np.concatenate(pics), caps]
+    return out
 
 
 def base_settings(s):
@@ -92,87 +84,124 @@ def base_settings(s):
     unet = synthetic.unet_config(3 * D.FACTOR ** 2, D.SIZE // D.FACTOR, s["channels"])
     return {"base_steps": s["base_steps"], "base_batch": s["base_batch"], "prediction": s["pred"], "unet": unet,
             "codec": {"pool": D.POOL, "factor": D.FACTOR}, "text": {"dim": unet["context_dim"], "length": 16},
-            "vocabulary": D.vocabulary(), "lr": 1e-3, "ema": 0.999, "seed": SEED, "v": 2}
+            "vocabulary": D.vocabulary(), "lr": 1e-3, "ema": 0.999, "seed": SEED, "train_ids": s["train_ids"],
+            "pool": s["pool"], "domain": "continuous-v1"}
+
+
+def loss_weight(sigma: torch.Tensor, weighting: str) -> torch.Tensor:
+    """x0-space loss weights. "v": v-prediction's MSE, (sigma^2 + 1) / sigma^2, which puts almost all the gradient on
+    nearly clean pictures (weight 1100 at sigma 0.03, 1 at sigma 14). "min-snr-5": the same, capped at 5 (Min-SNR
+    weighting, Hang et al. 2023), so the noisy steps that decide where the eyes and mouth go get their share."""
+    w = (sigma ** 2 + 1) / sigma ** 2
+    if weighting == "v":
+        return w
+    if weighting == "min-snr-5":
+        return w.clamp(max=5.0)
+    raise ValueError(f"unknown loss weighting {weighting!r}")
+
+
+def base_phases(s) -> list[dict]:
+    """The base model's training: settings of each phase, each phase's cache key covering every phase before it."""
+    common = base_settings(s)
+    phases = [common]
+    for steps, lr, weighting in s["then"]:
+        phases.append({**phases[-1], "then": [*phases[-1].get("then", []), {"steps": steps, "lr": lr, "weighting": weighting}]})
+    return phases
 
 
 def train_base(s, work, device):
-    """-> (unet_state, text_state, settings): trained weights (fp32), cached in work."""
+    """-> (unet_state, text_state, settings): trained weights (fp32) after every phase, each phase cached in work:
+    phase 1 from random weights with the v weighting, then each fine-tuning phase of s["then"]."""
     import domain as D
     from idfusion_pack.idfusion import synthetic
     from idfusion_pack.idfusion.adapter import read_safetensors, save_safetensors_atomic
-    settings = base_settings(s)
-    path = os.path.join(work, f"base-{key(settings)}.safetensors")
-    if os.path.isfile(path):
-        tensors, _ = read_safetensors(path, "idfusion.synthetic_base", "synthetic base model")
-        log(f"base model: reused {path}")
-        return ({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")},
-                {k[5:]: v for k, v in tensors.items() if k.startswith("text.")}, settings)
+    phases = base_phases(s)
+    settings = phases[-1]
+    paths = [os.path.join(work, f"base-{key(ph)}.safetensors") for ph in phases]
+    done = max([i for i, p in enumerate(paths) if os.path.isfile(p)], default=-1)
+    state = None
+    if done >= 0:
+        tensors, _ = read_safetensors(paths[done], "idfusion.synthetic_base", "synthetic base model")
+        log(f"base model: reused {paths[done]}")
+        state = tensors
+        if done == len(phases) - 1:
+            return ({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")},
+                    {k[5:]: v for k, v in tensors.items() if k.startswith("text.")}, settings)
     torch.manual_seed(SEED)
     unet = settings["unet"]
     patcher = synthetic.build_patcher(unet, prediction=s["pred"])
-    from random_models import randomize_
-    randomize_(patcher.model.diffusion_model, SEED)
-    with torch.no_grad():   # a zero output layer: the untrained model predicts the mean, a stable start
-        for p in patcher.model.diffusion_model.out[-1].parameters():
-            p.zero_()
-    model = patcher.model.to(device)
     vocab = settings["vocabulary"]
     text = synthetic.WordEncoder(len(vocab), settings["text"]["dim"], settings["text"]["length"]).to(device)
+    if state is None:
+        from random_models import randomize_
+        randomize_(patcher.model.diffusion_model, SEED)
+        with torch.no_grad():   # a zero output layer: the untrained model predicts the mean, a stable start
+            for p in patcher.model.diffusion_model.out[-1].parameters():
+                p.zero_()
+    else:
+        patcher.model.diffusion_model.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("unet.")})
+        text.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("text.")})
+    model = patcher.model.to(device)
     tok = synthetic.WordTokenizer(tokenizer_data={"vocabulary": vocab, "length": settings["text"]["length"]})
     tokens = lambda texts: torch.tensor([[p[0] for p in tok.tokenize_with_weights(t)["words"][0]] for t in texts])
-    singles, s_caps, doubles, d_caps = render_pool(6000, 2000, seed=1)
-    singles, doubles = D.to_latent(singles), D.to_latent(doubles)
+    t0 = time.time()
+    singles, s_caps, doubles, d_caps = render_pool(s, seed=1)
+    log(f"base model: drew {len(singles)} + {len(doubles)} training pictures in {time.time() - t0:.0f}s")
+    as_latent = lambda pics: D.to_latent(D.to_tensor(list(pics)))   # noqa: E731
     ms = model.model_sampling
     params = list(model.diffusion_model.parameters()) + list(text.parameters())
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=settings["lr"], weight_decay=0.0)
-    ema = [p.detach().clone() for p in params]
-    g = torch.Generator().manual_seed(SEED)
-    t0, B = time.time(), s["base_batch"]
-    model.train()
-    for step in range(s["base_steps"]):
-        for group in opt.param_groups:
-            group["lr"] = settings["lr"] * D.cosine_lr(step, s["base_steps"], 100)
-        two = step % 4 == 3                       # one batch in four: two people side by side
-        pool, caps = (doubles, d_caps) if two else (singles, s_caps)
-        idx = torch.randint(len(pool), (B // 2 if two else B,), generator=g)
-        x0 = pool[idx].to(device)
-        texts = [caps[i] if torch.rand(1, generator=g) > 0.1 else "" for i in idx.tolist()]   # 10% unconditional
-        ctx = text(tokens(texts).to(device))
-        t = torch.randint(0, 1000, (x0.shape[0],), generator=g).float()
-        sigma = ms.sigma(t).to(device)
-        noise = torch.randn(x0.shape, generator=g).to(device)
-        denoised = model.apply_model(ms.noise_scaling(sigma.view(-1, 1, 1, 1), noise, x0), sigma, c_crossattn=ctx)
-        # the same weighting for either parametrisation: v-prediction's MSE, in x0 space
-        weight = (sigma ** 2 + 1) / sigma ** 2
-        loss = (((denoised - x0) ** 2) * weight.view(-1, 1, 1, 1)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+    B = s["base_batch"]
+    for phase in range(done + 1, len(phases)):
+        ph = phases[phase]
+        steps, lr, weighting = ((ph["base_steps"], ph["lr"], "v") if phase == 0 else
+                                (ph["then"][-1]["steps"], ph["then"][-1]["lr"], ph["then"][-1]["weighting"]))
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        ema = [p.detach().clone() for p in params]
+        g = torch.Generator().manual_seed(SEED + phase)
+        t0 = time.time()
+        model.train()
+        for step in range(steps):
+            for group in opt.param_groups:
+                group["lr"] = lr * D.cosine_lr(step, steps, 100 if phase == 0 else 50)
+            two = step % 5 == 4                       # one batch in five: two people side by side
+            pool, caps = (doubles, d_caps) if two else (singles, s_caps)
+            idx = torch.randint(len(pool), (B // 2 if two else B,), generator=g)
+            x0 = as_latent(pool[idx.numpy()]).to(device)
+            texts = [caps[i] if torch.rand(1, generator=g) > 0.1 else "" for i in idx.tolist()]   # 10% unconditional
+            ctx = text(tokens(texts).to(device))
+            t = torch.randint(0, 1000, (x0.shape[0],), generator=g).float()
+            sigma = ms.sigma(t).to(device)
+            noise = torch.randn(x0.shape, generator=g).to(device)
+            denoised = model.apply_model(ms.noise_scaling(sigma.view(-1, 1, 1, 1), noise, x0), sigma, c_crossattn=ctx)
+            loss = (((denoised - x0) ** 2) * loss_weight(sigma, weighting).view(-1, 1, 1, 1)).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            with torch.no_grad():
+                d = min(settings["ema"], (1 + step) / (10 + step))
+                for e, p in zip(ema, params):
+                    e.mul_(d).add_(p.detach(), alpha=1 - d)
+            if step % 100 == 0 or step == steps - 1:
+                log(f"base phase {phase + 1} ({weighting}) step {step + 1}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
         with torch.no_grad():
-            d = min(settings["ema"], (1 + step) / (10 + step))
             for e, p in zip(ema, params):
-                e.mul_(d).add_(p.detach(), alpha=1 - d)
-        if step % 100 == 0 or step == s["base_steps"] - 1:
-            log(f"base step {step + 1}/{s['base_steps']} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
-    with torch.no_grad():
-        for e, p in zip(ema, params):
-            p.copy_(e)
-    unet_state = {k: v.detach().cpu().contiguous() for k, v in model.diffusion_model.state_dict().items()}
-    text_state = {k: v.detach().cpu().contiguous() for k, v in text.state_dict().items()}
-    tensors = {**{f"unet.{k}": v for k, v in unet_state.items()}, **{f"text.{k}": v for k, v in text_state.items()}}
-    save_safetensors_atomic(tensors, path, {"format": "idfusion.synthetic_base", "settings": json.dumps(settings),
-                                            "seconds": f"{time.time() - t0:.0f}"})
-    log(f"base model: trained in {time.time() - t0:.0f}s -> {path}")
+                p.copy_(e)
+        unet_state = {k: v.detach().cpu().contiguous() for k, v in model.diffusion_model.state_dict().items()}
+        text_state = {k: v.detach().cpu().contiguous() for k, v in text.state_dict().items()}
+        tensors = {**{f"unet.{k}": v for k, v in unet_state.items()}, **{f"text.{k}": v for k, v in text_state.items()}}
+        save_safetensors_atomic(tensors, paths[phase], {"format": "idfusion.synthetic_base", "format_version": "1",
+                                                        "settings": json.dumps(ph), "seconds": f"{time.time() - t0:.0f}"})
+        log(f"base model: phase {phase + 1} trained in {time.time() - t0:.0f}s -> {paths[phase]}")
     return unet_state, text_state, settings
 
 
 def ship_base(path, unet_state, text_state, settings, figures=None):
     from idfusion_pack.idfusion import synthetic
     info = {"prediction": settings["prediction"],
-            "training": {k: settings[k] for k in ("base_steps", "base_batch", "lr", "ema")},
+            "training": {k: settings[k] for k in ("base_steps", "base_batch", "lr", "ema", "then") if k in settings},
             "seed": str(SEED), "rebuild": "make synthetic"}
     if figures:
         info["figures"] = figures
@@ -180,97 +209,49 @@ def ship_base(path, unet_state, text_state, settings, figures=None):
                    synthetic.PixelCodec(**settings["codec"]), info)
 
 
-# ---- stage 3: classifier -----------------------------------------------------------------------
-def train_classifier(s, work, device, ship_path):
-    import domain as D
-    from idfusion_pack.idfusion.adapter import read_safetensors, save_safetensors_atomic
-    settings = {"clf_steps": s["clf_steps"], "v": 2, "domain": D.PICTURE}
-    path = os.path.join(work, f"classifier-{key(settings)}.safetensors")
-    clf = D.AttributeClassifier()
-
-    def labelled(n, seed):
-        rng = np.random.default_rng(seed)
-        combos = D.every_identity()
-        ims, labels = [], {k: [] for k in D.ALL_ATTRS}
-        for _ in range(n):
-            ident, scene = combos[rng.integers(len(combos))], D.random_scene(rng)
-            ims.append(D.render([ident], scene, rng)[0])
-            for k, v in {**ident, **scene}.items():
-                labels[k].append(D.ALL_ATTRS[k].index(v))
-        return D.to_tensor(ims), {k: torch.tensor(v) for k, v in labels.items()}
-
-    test_x, test_y = labelled(1000, seed=3)
-    if os.path.isfile(path):
-        tensors, _ = read_safetensors(path, "idfusion.synthetic_classifier", "attribute classifier")
-        clf.load_state_dict(tensors)
-        log(f"classifier: reused {path}")
-    else:
-        x, y = labelled(8000, seed=2)
-        clf.to(device).train()
-        opt = torch.optim.AdamW(clf.parameters(), lr=2e-3)
-        g = torch.Generator().manual_seed(SEED)
-        t0 = time.time()
-        for step in range(s["clf_steps"]):
-            for group in opt.param_groups:
-                group["lr"] = 2e-3 * D.cosine_lr(step, s["clf_steps"], 50)
-            idx = torch.randint(len(x), (128,), generator=g)
-            # robust to what a sampler leaves behind: a little noise and blur
-            xb = x[idx] + torch.randn(x[idx].shape, generator=g) * 0.1 * torch.rand(len(idx), 1, 1, 1, generator=g)
-            if step % 2:
-                xb = torch.nn.functional.avg_pool2d(xb, 3, 1, 1)
-            out = clf(xb.to(device))
-            loss = sum(torch.nn.functional.cross_entropy(out[k], y[k][idx].to(device)) for k in out)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        clf.eval().cpu()
-        save_safetensors_atomic({k: v.contiguous() for k, v in clf.state_dict().items()}, path,
-                                {"format": "idfusion.synthetic_classifier"})
-        log(f"classifier: trained in {time.time() - t0:.0f}s")
-    clf.eval().cpu().requires_grad_(False)
-    save_safetensors_atomic({k: v.half().contiguous() for k, v in clf.state_dict().items()}, ship_path,
-                            {"format": "idfusion.synthetic_classifier", "family": "synthetic_faces",
-                             "attributes": json.dumps(D.ALL_ATTRS), "input": "32x32 RGB in [-1, 1]",
-                             "training": json.dumps(settings), "seed": str(SEED)})
-    clf.load_state_dict({k: v.half().float() for k, v in clf.state_dict().items()})   # measure with what ships
-    lp = clf.log_probs(test_x)
-    acc = {k: float((lp[k].argmax(1) == test_y[k]).float().mean()) for k in lp}
-    log("classifier held-out accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
-    return clf, acc
-
-
-# ---- stage 4: adapter --------------------------------------------------------------------------
+# ---- stage 3: adapter --------------------------------------------------------------------------
 def write_dataset(folder, idents, per_id, seed):
-    """Pictures at the size ComfyUI sees (PICTURE px), captions from the 36 training scenes only."""
+    """One folder per training identity: pictures at the model's size with face masks, captions from the 36 training
+    scenes only (the reference of a sample is another picture of its identity, in another scene)."""
     import domain as D
     from PIL import Image
     rng = np.random.default_rng(seed)
-    for i, ident in enumerate(idents):
-        d = os.path.join(folder, f"id{i:03d}")
-        os.makedirs(d, exist_ok=True)
-        for j in range(per_id):
-            scene = D.random_scene_from(rng, held_out=False)
-            im, mask = D.render([ident], scene, rng)
-            Image.fromarray(D.upscale(im)).save(os.path.join(d, f"{j:03d}.png"))
-            Image.fromarray(D.upscale((mask * 255).astype(np.uint8)[..., None])[..., 0]).save(os.path.join(d, f"{j:03d}_mask.png"))
-            with open(os.path.join(d, f"{j:03d}.txt"), "w") as f:
+    for start in range(0, len(idents), 64):
+        chunk = idents[start:start + 64]
+        faces = [[ident] for ident in chunk for _ in range(per_id)]
+        scenes = [D.random_scene_from(rng, held_out=False) for _ in faces]
+        pics, masks = D.render_batch(faces, scenes, rng.uniform(-D.JITTER, D.JITTER, (len(faces), 1, 2)))
+        pics = D.to_uint8(pics)
+        masks = (masks.numpy() * 255).round().astype(np.uint8)
+        for n, (pic, mask, scene) in enumerate(zip(pics, masks, scenes)):
+            d = os.path.join(folder, f"id{start + n // per_id:04d}")
+            os.makedirs(d, exist_ok=True)
+            stem = os.path.join(d, f"{n % per_id:03d}")
+            Image.fromarray(pic).save(stem + ".png")
+            Image.fromarray(mask).save(stem + "_mask.png")
+            with open(stem + ".txt", "w") as f:
                 f.write(D.caption(scene))
 
 
-def train_adapter(s, work, patcher, clip, codec, train_idents, base_key):
+def train_adapter(s, work, patcher, clip, codec, train_idents, base_key, reference_tokens="all"):
     import domain as D
     from idfusion_pack.idfusion.dataset import FaceDataset
     from idfusion_pack.idfusion.train import TrainConfig, Trainer
     cfg = TrainConfig(steps=s["adapter_steps"], batch_size=s["adapter_batch"], lr=1e-3, warmup_steps=20,
                       save_every=max(50, s["adapter_steps"] // 4), seed=SEED, init="attn1", reference="other image",
                       reference_dropout=0.1, face_loss_weight=1.0, encoding="cached", timestep=0,
-                      gradient_checkpointing=False)  # 32 px: memory is no concern, recompute would cost time
-    settings = {"cfg": cfg.__dict__, "ids": len(train_idents), "per_id": s["per_id"], "base": base_key, "v": 2}
+                      gradient_checkpointing=False,  # 96 px: memory is no concern, recompute would cost time
+                      **({"reference_tokens": reference_tokens} if reference_tokens != "all" else {}))
+    settings = {"cfg": cfg.__dict__, "ids": len(train_idents), "per_id": s["per_id"], "base": base_key, "v": 3}
+    if reference_tokens == "all":   # the key of an all-tokens run stays what it was before the option existed
+        settings["cfg"] = {k: v for k, v in cfg.__dict__.items() if k != "reference_tokens"}
     out = os.path.join(work, f"adapter-{key(settings)}")
-    data = os.path.join(out, "data")
+    data = os.path.join(work, f"adapter-data-{key({'ids': len(train_idents), 'per_id': s['per_id'], 'v': 3})}")
     if not os.path.isdir(data):
+        t0 = time.time()
         write_dataset(data + ".tmp", train_idents, s["per_id"], seed=5)
         os.replace(data + ".tmp", data)
+        log(f"adapter: drew its dataset in {time.time() - t0:.0f}s")
     ds = FaceDataset(data, D.PICTURE)
     trainer = Trainer(patcher, clip, codec, ds, out, "synthetic", cfg)
     trainer.resume()
@@ -287,18 +268,20 @@ def train_adapter(s, work, patcher, clip, codec, train_idents, base_key):
                                   "init": cfg.init, "encoding": cfg.encoding, "seed": cfg.seed}
 
 
-def ship_adapter(src, dst, info, figures=None):
+def ship_adapter(src, dst, info, figures=None, defaults=None):
     from idfusion_pack.idfusion.adapter import IDFusionAdapter, save_safetensors_atomic
     adapter = IDFusionAdapter.load(src)
     meta = {**adapter.metadata(), "family": "synthetic_faces", "training": json.dumps(info), "seed": str(SEED),
             "training_steps": str(info["steps"]), "rebuild": "make synthetic"}
     if figures:
         meta["figures"] = json.dumps(figures)
+    if defaults:
+        meta["recommended"] = json.dumps(defaults)
     save_safetensors_atomic({k: v.half() for k, v in adapter.state_tensors().items()}, dst, meta)
     return IDFusionAdapter.load(dst)
 
 
-# ---- stage 5: generation through the nodes ------------------------------------------------------
+# ---- stage 4: generation through the nodes ------------------------------------------------------
 def node_call(node, fn, *args, **kwargs):
     """Call a node as ComfyUI does (under inference mode); return its outputs tuple."""
     with torch.inference_mode():
@@ -307,200 +290,432 @@ def node_call(node, fn, *args, **kwargs):
 
 
 class Generator:
-    def __init__(self, patcher, clip, codec, adapter, steps):
+    """Generation through this pack's nodes (Encode Reference, Apply, Apply Multi-Identity) and ComfyUI's sampler,
+    with the settings chosen on the validation identities (cfg, uncond, weight)."""
+
+    def __init__(self, patcher, clip, codec, adapter, steps, cfg=CFG, uncond="text only", weight=1.0):
         import domain as D
         import idfusion_pack
         self.D, self.patcher, self.clip, self.codec, self.adapter, self.steps = D, patcher, clip, codec, adapter, steps
+        self.cfg, self.uncond, self.weight = cfg, uncond, weight
+        self.reference_tokens = "all"
         self.nodes = {k: v() for k, v in idfusion_pack.NODE_CLASS_MAPPINGS.items()}
 
     def identity(self, drawings: list[np.ndarray], name="ref"):
         images = torch.from_numpy(self.D.upscale(np.stack(drawings))).float() / 255.0
         return node_call(self.nodes["IDFusionEncodeReference"], "encode", self.patcher, self.codec, images, 0, name)[0]
 
-    def apply(self, identity, weight=1.0):
-        return node_call(self.nodes["IDFusionApply"], "apply", self.patcher, self.adapter, identity, weight, 0.0, 1.0,
-                         "text only", "cached")[0]
+    def apply(self, identity):
+        return node_call(self.nodes["IDFusionApply"], "apply", self.patcher, self.adapter, identity, self.weight, 0.0,
+                         1.0, self.uncond, "cached", reference_tokens=self.reference_tokens)[0]
 
     def apply_regions(self, idents, masks):
         kw = {f"identity_{i + 1}": x for i, x in enumerate(idents)}
-        return node_call(self.nodes["IDFusionApplyMultiIdentity"], "apply", self.patcher, self.adapter, masks, 1.0,
-                         0.0, 1.0, "text only", "cached", **kw)[0]
-
-    def merge(self, a, b):
-        return node_call(self.nodes["IDFusionMergeIdentities"], "merge", a, b)[0]
+        return node_call(self.nodes["IDFusionApplyMultiIdentity"], "apply", self.patcher, self.adapter, masks,
+                         self.weight, 0.0, 1.0, self.uncond, "cached", **kw)[0]
 
     def encode_text(self, captions):
         with torch.inference_mode():
             return torch.cat([self.clip.encode_from_tokens(self.clip.tokenize(c)) for c in captions])
 
-    def sample(self, model, captions, seed, width=None):
-        """-> drawings (B, 3, 32, W) in [-1, 1]: decoded and pooled back to the model's resolution."""
+    def sample(self, model, captions, seed, width=None, init=None, denoise=1.0):
+        """-> pictures (B, 3, SIZE, width) in [-1, 1] at the model's resolution. init: drawings (B, 3, H, W) in [-1, 1]
+        to start from (img2img with `denoise`)."""
         import comfy.sample
         D = self.D
         width = width or D.SIZE
-        latent = torch.zeros(len(captions), 3 * D.FACTOR ** 2, D.SIZE // D.FACTOR, width // D.FACTOR)
+        if init is not None:
+            latent = D.to_latent(init.float())
+        else:
+            latent = torch.zeros(len(captions), 3 * D.FACTOR ** 2, D.SIZE // D.FACTOR, width // D.FACTOR)
         with torch.inference_mode():
             noise = comfy.sample.prepare_noise(latent, seed)
             pos = [[self.encode_text(captions), {}]]
             neg = [[self.encode_text([""]), {}]]
-            x = comfy.sample.sample(model, noise, self.steps, CFG, "euler", "normal", pos, neg, latent, seed=seed,
-                                    disable_pbar=True)
+            x = comfy.sample.sample(model, noise, self.steps, self.cfg, "euler", "normal", pos, neg, latent,
+                                    denoise=denoise, seed=seed, disable_pbar=True)
             pictures = self.codec.decode(x).movedim(-1, 1)
-            return torch.nn.functional.avg_pool2d(pictures, D.POOL) * 2 - 1
+            if D.POOL > 1:
+                pictures = torch.nn.functional.avg_pool2d(pictures, D.POOL)
+            return (pictures * 255).round() / 127.5 - 1     # 8-bit, as SaveImage would write it
 
 
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    return ((x.permute(0, 2, 3, 1).float().numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
-
-
+# ---- measuring ---------------------------------------------------------------------------------------------------
 def se(p: float, n: int) -> float:
     return math.sqrt(max(p * (1 - p), 1e-12) / n)
 
 
-def rate(hits: list) -> dict:
-    p = float(np.mean(hits))
+def rate(hits) -> dict:
+    hits = np.asarray(hits, dtype=float)
+    p = float(hits.mean())
     return {"p": p, "se": se(p, len(hits)), "n": len(hits)}
 
 
-def laplacian_energy(x: torch.Tensor) -> float:
+def mean_se(values) -> dict:
+    a = np.asarray(values, dtype=float)
+    return {"mean": float(a.mean()), "se": float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else 0.0, "n": len(a)}
+
+
+def paired(a, b) -> dict:
+    """Difference of two paired hit lists, with its standard error and the difference in standard errors."""
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    s = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
+    return {"diff": float(d.mean()), "se": s, "in_se": float(d.mean() / s) if s > 0 else 0.0, "n": len(d)}
+
+
+def flat_hf(pictures: torch.Tensor, reads: list[dict]) -> list[float]:
+    """High-frequency energy in flat regions, per picture: the mean squared 3x3 Laplacian of the picture (0-255 units)
+    over pixels whose 5x5 neighbourhood is uniform in the renderer's fit of that picture (no edge of the drawing
+    nearby), so only noise the drawing does not explain is counted."""
+    import fit as F
+    drawn = F.redraw(reads)                                              # (B, 3, H, W) in [0, 1]
     k = torch.tensor([[0, 1, 0], [1, -4, 1], [0, 1, 0]], dtype=torch.float32).view(1, 1, 3, 3).repeat(3, 1, 1, 1)
-    return float(torch.nn.functional.conv2d(x.float(), k, groups=3).pow(2).mean())
+    lap = torch.nn.functional.conv2d((pictures.float() + 1) * 127.5, k, groups=3, padding=1).pow(2).mean(1)
+    spread = (torch.nn.functional.max_pool2d(drawn, 5, 1, 2) + torch.nn.functional.max_pool2d(-drawn, 5, 1, 2)).amax(1)
+    flat = spread < 2 / 255
+    flat[:, :2], flat[:, -2:], flat[:, :, :2], flat[:, :, -2:] = False, False, False, False
+    return [float(lap[i][flat[i]].mean()) if flat[i].any() else float("nan") for i in range(len(reads))]
 
 
-def base_quality(gen, clf, n=128):
-    """The base model alone (no adapter): grain = Laplacian energy of its samples over that of drawn faces of the same
-    scenes (1 = as clean as a drawing), and how often the classifier reads the caption's scene in the sample."""
-    D = gen.D
-    rng = np.random.default_rng(9000)
-    scenes = [D.random_scene_from(rng, held_out=True) for _ in range(n)]
-    combos = D.every_identity()
-    drawn = D.to_tensor([D.render([combos[rng.integers(len(combos))]], sc, rng)[0] for sc in scenes])
-    xs = torch.cat([gen.sample(gen.patcher, [D.caption(sc) for sc in scenes[i:i + 32]], seed=9000 + i)
-                    for i in range(0, n, 32)])
-    lp = clf.log_probs(xs)
-    out = {"grain_ratio": laplacian_energy(xs) / laplacian_energy(drawn), "n": n}
-    for k in D.SCENE_ATTRS:
-        out[f"{k}_follows_caption"] = rate([D.ALL_ATTRS[k][j] == sc[k] for j, sc in zip(lp[k].argmax(1).tolist(), scenes)])
-    return out, to_uint8(xs[:8])
+def embedding(identity: dict, expression: str, turn: float) -> np.ndarray:
+    """A face as one vector, for the literature's similarity-based metrics (issue 20: MultiID-Bench's copy-paste
+    and leakage, UMO's ID-Conf) in place of an ArcFace embedding: the identity in units of the prior's spread,
+    centred on the prior's mean, followed by the scene a face shows (expression one-hot, head turn in units of a
+    pose step). Two pictures of one identity in different scenes are then close but not equal, as two photos of one
+    person are; the metrics are defined on such vectors exactly as on ArcFace ones."""
+    import domain as D
+    import fit as F
+    v = (D.identity_vector(identity) - F.MEAN) / F.SCALE
+    onehot = np.eye(len(D.EXPRESSIONS))[D.EXPRESSIONS.index(expression)]
+    return np.concatenate([v, onehot, [turn / max(D.POSES.values())]])
 
 
-def evaluate(s, gen, clf, seen, unseen):
-    """(a)-(d) on identities the adapter never saw, captions from held-out scenes, fresh seeds. An identity is
-    'recognised' when it is the most likely of the N_EVAL candidates under the classifier (chance 1/N_EVAL)."""
-    D = gen.D
-    n = s["samples"]
+def retrieval_hits(reads, truths, candidates) -> list[bool]:
+    import fit as F
+    return [F.retrieval_rank(r["identity"], 0, [t] + candidates) == 0 for r, t in zip(reads, truths)]
+
+
+def errors(reads, truths) -> dict:
+    import fit as F
+    errs = [F.identity_errors(r["identity"], t) for r, t in zip(reads, truths)]
+    return {k: [e[k] for e in errs] for k in errs[0]}
+
+
+def reference_drawings(idents, rng, scenes=None, jitter=None, backgrounds=None, noise_sd=0.0):
+    """Reference pictures (N, SIZE, SIZE, 3) uint8 of one face each: random scenes unless given, position jitter in
+    the training range unless given; optional pixel noise (sd in 0-255 units) and off-set background colours."""
+    import domain as D
+    scenes = scenes or [D.random_scene(rng) for _ in idents]
+    if jitter is None:
+        jitter = rng.uniform(-D.JITTER, D.JITTER, (len(idents), 1, 2))
+    pics = D.to_uint8(D.render_batch([[i] for i in idents], scenes, jitter, backgrounds)[0])
+    if noise_sd:
+        pics = np.clip(pics + rng.normal(0, noise_sd, pics.shape), 0, 255).round().astype(np.uint8)
+    return pics, scenes
+
+
+def transfer_inputs(ids, per, seed):
+    """The transfer cell's draws: one reference per identity in a random scene, and `per` captions per identity from
+    held-out scenes that differ from the reference's in expression, pose and background.
+    -> (references, reference scenes, captions per identity, caption scenes flattened)."""
+    import domain as D
+    rng = np.random.default_rng(seed)
+    refs, ref_scenes = reference_drawings(ids, rng)
+    caps_scenes = [[D.random_scene_from(rng, held_out=True, **{k: ("not", rs[k]) for k in D.SCENE_ATTRS})
+                    for _ in range(per)] for rs in ref_scenes]
+    return refs, ref_scenes, [[D.caption(sc) for sc in c] for c in caps_scenes], [sc for c in caps_scenes for sc in c]
+
+
+def generate(gen, refs, captions, seed0, with_identity=True):
+    """refs: per identity a list of reference drawings; captions: per identity its captions (one picture each)."""
+    out = []
+    for i, (r, caps) in enumerate(zip(refs, captions)):
+        model = gen.apply(gen.identity(list(r))) if with_identity else gen.patcher
+        out.append(gen.sample(model, caps, seed=seed0 + i))
+    return torch.cat(out)
+
+
+def off_set_background(rng) -> tuple:
+    """An RGB background at least 80 away from every named background: a colour no caption can ask for."""
+    import domain as D
+    named = np.array(list(D.BACKGROUNDS.values()), dtype=float)
+    while True:
+        c = rng.integers(0, 256, 3)
+        if np.linalg.norm(named - c, axis=1).min() >= 80:
+            return tuple(int(v) for v in c)
+
+
+def scene_rates(reads, scenes, ref_scenes=None) -> dict:
+    """How often the read scene matches the caption's, and (with ref_scenes) how often it copies the reference's
+    expression or pose although the caption asks for another."""
+    import domain as D
+    out = {f"{k} follows caption": rate([r[k] == s[k] for r, s in zip(reads, scenes)]) for k in D.SCENE_ATTRS}
+    if ref_scenes is not None:
+        for k in ("expression", "pose"):
+            out[f"{k} copied from reference"] = rate([r[k] == rs[k] for r, rs in zip(reads, ref_scenes)])
+    return out
+
+
+def degrade(pics: torch.Tensor, seed: int) -> torch.Tensor:
+    """3x3 box blur plus Gaussian pixel noise of sd 12 (0-255 units), quantised: the instrument's degraded inputs."""
+    k = torch.ones(3, 1, 3, 3) / 9
+    x = torch.nn.functional.conv2d(torch.nn.functional.pad((pics + 1) * 127.5, (1, 1, 1, 1), mode="replicate"), k, groups=3)
+    x = x + torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)) * 12
+    return x.clamp(0, 255).round() / 127.5 - 1
+
+
+def calibrate(gen, n_ids, per, candidates):
+    """The instrument on pictures whose truth is known, published with every result: clean drawings, degraded
+    drawings, and the base model's own img2img (denoise 0.5) of drawings, all of evaluation identities in held-out
+    scenes; retrieval is among the true identity and 99 other fresh candidates, as in the evaluation."""
+    import domain as D
+    import fit as F
+    rng = np.random.default_rng(5_000)
+    ids = D.identities("evaluation", n_ids)
+    truths = [i for i in ids for _ in range(per)]
+    scenes = [D.random_scene_from(rng, held_out=True) for _ in truths]
+    clean = D.render_batch([[t] for t in truths], scenes, rng.uniform(-D.JITTER, D.JITTER, (len(truths), 1, 2)))[0]
+    img2img = torch.cat([gen.sample(gen.patcher, [D.caption(sc) for sc in scenes[i:i + 32]], seed=5_000 + i,
+                                    init=clean[i:i + 32], denoise=0.5) for i in range(0, len(truths), 32)])
+    out, pictures = {}, {}
+    for name, pics in (("clean drawings", clean), ("blur 3x3 + noise sd 12", degrade(clean, 5_001)),
+                       ("base model img2img, denoise 0.5", img2img)):
+        reads = F.fit(pics)
+        out[name] = {**{k: mean_se(v) for k, v in errors(reads, truths).items()}, **scene_rates(reads, scenes),
+                     "retrieval": rate(retrieval_hits(reads, truths, candidates))}
+        pictures[name] = pics[:6]
+        log(f"calibration, {name}: retrieval {out[name]['retrieval']['p']:.3f}, " +
+            ", ".join(f"{k} {out[name][k]['mean']:.2f}" for k in ("skin", "hair", "eyes", "face_w", "eye_spacing")))
+    return out, pictures
+
+
+def sweep(gen, n_ids, per, candidates):
+    """The shipped defaults, chosen on VALIDATION identities (never the evaluation ones): every setting samples the
+    same captions and seeds. Rule, fixed before the sweep ran: among settings whose flat-region noise ratio is at most
+    1.1 and whose expression and pose following are within 5 points of the base model's at that CFG, the highest
+    retrieval; failing that, the highest retrieval with noise ratio at most 1.1; failing that, the highest retrieval."""
+    import domain as D
+    import fit as F
+    ids = D.identities("validation", n_ids)
+    refs, ref_scenes, captions, scenes = transfer_inputs(ids, per, 7_000)
+    truths = [i for i in ids for _ in range(per)]
+    settings = [(3.0, "text only", 1.0), (2.0, "text only", 1.0), (4.0, "text only", 1.0),
+                (3.0, "identity too", 1.0), (2.0, "identity too", 1.0)]
+    base = {}
+    results = []
+    for cfg, uncond, weight in settings:
+        gen.cfg, gen.uncond, gen.weight = cfg, uncond, weight
+        if cfg not in base:
+            plain = generate(gen, [[r] for r in refs], captions, 7_100, with_identity=False)
+            reads0 = F.fit(plain)
+            base[cfg] = {"hf": float(np.nanmean(flat_hf(plain, reads0))), **scene_rates(reads0, scenes)}
+        pics = generate(gen, [[r] for r in refs], captions, 7_100)
+        reads = F.fit(pics)
+        r = {"cfg": cfg, "uncond": uncond, "weight": weight,
+             "retrieval": rate(retrieval_hits(reads, truths, candidates)), **scene_rates(reads, scenes),
+             "noise_ratio": float(np.nanmean(flat_hf(pics, reads))) / base[cfg]["hf"]}
+        r["scene_ok"] = all(r[f"{k} follows caption"]["p"] >= base[cfg][f"{k} follows caption"]["p"] - 0.05
+                            for k in ("expression", "pose"))
+        results.append(r)
+        log(f"sweep cfg {cfg} uncond {uncond} weight {weight}: retrieval {r['retrieval']['p']:.3f}, noise ratio "
+            f"{r['noise_ratio']:.2f}, expression {r['expression follows caption']['p']:.2f} (base "
+            f"{base[cfg]['expression follows caption']['p']:.2f}), pose {r['pose follows caption']['p']:.2f} (base "
+            f"{base[cfg]['pose follows caption']['p']:.2f})")
+    for ok in (lambda r: r["noise_ratio"] <= 1.1 and r["scene_ok"], lambda r: r["noise_ratio"] <= 1.1, lambda r: True):
+        pool = [r for r in results if ok(r)]
+        if pool:
+            best = max(pool, key=lambda r: r["retrieval"]["p"])
+            break
+    chosen = {"cfg": best["cfg"], "uncond": best["uncond"], "weight": best["weight"]}
+    gen.cfg, gen.uncond, gen.weight = best["cfg"], best["uncond"], best["weight"]
+    log(f"sweep: chose {chosen}")
+    return {"settings": results, "base": {str(k): v for k, v in base.items()}, "chosen": chosen,
+            "identities": n_ids, "pictures_per_setting": n_ids * per}
+
+
+def evaluate(s, gen, train_ids):
+    """Every figure of the report on EVALUATION identities (fresh draws), captions from held-out scenes, seeds never
+    used in training; one run, with the defaults the validation sweep chose."""
+    import domain as D
+    import fit as F
+    per = 2
+    n_ids = s["samples"] // per
+    candidates = D.identities("candidates", 99)
+    ev = D.identities("evaluation", n_ids)
+    truths = [i for i in ev for _ in range(per)]
     res, grid = {}, {}
 
-    def classify(x, candidates):
-        lp = clf.log_probs(x)
-        return lp, D.identity_scores(lp, candidates)
+    # (a) transfer: references in varied expressions, poses and backgrounds; each caption asks for another of each
+    refs, ref_scenes, captions, scenes = transfer_inputs(ev, per, 10_000)
+    ref_per_pic = [rs for rs in ref_scenes for _ in range(per)]
+    with_id = generate(gen, [[r] for r in refs], captions, 20_000)
+    plain = generate(gen, [[r] for r in refs], captions, 20_000, with_identity=False)
+    reads_w, reads_0 = F.fit(with_id), F.fit(plain)
+    hits_w = retrieval_hits(reads_w, truths, candidates)
+    hits_0 = retrieval_hits(reads_0, truths, candidates)
+    err_w, err_0 = errors(reads_w, truths), errors(reads_0, truths)
+    hf_w, hf_0 = flat_hf(with_id, reads_w), flat_hf(plain, reads_0)
+    res["transfer"] = {
+        "retrieval with adapter": rate(hits_w), "retrieval without adapter": rate(hits_0),
+        "errors with adapter": {k: mean_se(v) for k, v in err_w.items()},
+        "errors without adapter": {k: mean_se(v) for k, v in err_0.items()},
+        "error ratio": {k: float(np.mean(err_w[k]) / np.mean(err_0[k])) for k in err_w},
+        "scene with adapter": scene_rates(reads_w, scenes, ref_per_pic),
+        "scene without adapter (base model)": scene_rates(reads_0, scenes, ref_per_pic),
+        "flat-region noise": {"with": float(np.nanmean(hf_w)), "without": float(np.nanmean(hf_0)),
+                              "ratio": float(np.nanmean(hf_w) / np.nanmean(hf_0))},
+        "identities": n_ids, "pictures": len(truths)}
+    # the same pictures in MultiID-Bench's terms: Sim(Ref), Sim(GT) and copy-paste, the ground truth being the
+    # reference's identity in the caption's scene, known exactly here
+    from idfusion_pack.idfusion import metrics as M
+    lit = {}
+    for label, reads in (("with adapter", reads_w), ("without adapter", reads_0)):
+        sims_r, sims_t, cps = [], [], []
+        for r, t, sc, rs in zip(reads, truths, scenes, ref_per_pic):
+            g = embedding(r["identity"], r["expression"], r["turn"])
+            gt = embedding(t, sc["expression"], D.POSES[sc["pose"]] * 1.0)
+            ref = embedding(t, rs["expression"], D.POSES[rs["pose"]] * 1.0)
+            sims_r.append(M.cosine(g, ref))
+            sims_t.append(M.cosine(g, gt))
+            cps.append(M.copy_paste(g, gt, ref))
+        lit[label] = {"Sim(Ref)": mean_se(sims_r), "Sim(GT)": mean_se(sims_t), "M_CP": mean_se(cps)}
+    res["transfer"]["MultiID-Bench terms"] = lit
+    log("MultiID-Bench terms: " + json.dumps({k: {m: round(x["mean"], 3) for m, x in v.items()} for k, v in lit.items()}))
+    for i in range(min(6, n_ids)):
+        grid[f"transfer {i}"] = (refs[i], D.to_uint8(with_id[i * per:(i + 1) * per]), D.to_uint8(plain[i * per:(i + 1) * per]))
+    log(f"transfer: retrieval {rate(hits_w)['p']:.3f} with, {rate(hits_0)['p']:.3f} without; error ratios " +
+        ", ".join(f"{k} {v:.2f}" for k, v in res["transfer"]["error ratio"].items()))
 
-    # (a) identity accuracy with and without the adapter (weight 0 returns the model unpatched)
-    for set_name, cands in (("unseen", unseen), ("seen", seen)):
-        hits = {"adapter": [], "no adapter": []}
-        attr_hits = {k: [] for k in D.IDENTITY_ATTRS}
-        for i, ident in enumerate(cands):
-            rng = np.random.default_rng(10_000 + i + (500 if set_name == "seen" else 0))
-            ref = D.render([ident], D.random_scene_from(rng, held_out=True), rng)[0]
-            caps = [D.caption(D.random_scene_from(rng, held_out=True)) for _ in range(n)]
-            seed = 20_000 + i + (500 if set_name == "seen" else 0)
-            with_id = gen.sample(gen.apply(gen.identity([ref])), caps, seed=seed)
-            plain = gen.sample(gen.patcher, caps, seed=seed)
-            for label, x in (("adapter", with_id), ("no adapter", plain)):
-                lp, sc = classify(x, cands)
-                hits[label] += (sc.argmax(1) == i).tolist()
-                if label == "adapter":
-                    for k in D.IDENTITY_ATTRS:
-                        attr_hits[k] += (lp[k].argmax(1) == D.ALL_ATTRS[k].index(ident[k])).tolist()
-            grid[f"a/{set_name}/{i}"] = (ref, to_uint8(with_id[:6]), to_uint8(plain[:6]))
-        res[f"a_{set_name}"] = {"with adapter": rate(hits["adapter"]), "without adapter": rate(hits["no adapter"]),
-                                "attributes_with_adapter": {k: rate(v) for k, v in attr_hits.items()}}
-        log(f"(a) {set_name}: {json.dumps({k: round(v['p'], 3) for k, v in res[f'a_{set_name}'].items() if 'p' in v})}")
+    # (b) nuisance in the reference: the same identities, captions and seeds, the reference drawn differently
+    r2 = np.random.default_rng(11_000)
+    far = r2.uniform(0.05, 0.07, (n_ids, 1, 2)) * r2.choice([-1, 1], (n_ids, 1, 2))
+    variants = {"jitter past the training range": reference_drawings(ev, r2, ref_scenes, jitter=far)[0],
+                "pixel noise sd 12": reference_drawings(ev, np.random.default_rng(10_000), ref_scenes, noise_sd=12.0)[0],
+                "background outside the set": reference_drawings(
+                    ev, r2, ref_scenes, backgrounds=[off_set_background(r2) for _ in ev])[0]}
+    res["nuisance"] = {}
+    for name, nrefs in variants.items():
+        pics = generate(gen, [[r] for r in nrefs], captions, 20_000)
+        hits = retrieval_hits(F.fit(pics), truths, candidates)
+        res["nuisance"][name] = {"retrieval": rate(hits), "cost against clean references": paired(hits_w, hits)}
+        grid[f"nuisance: {name}"] = (nrefs[0], D.to_uint8(pics[:per]), None)
+        log(f"nuisance {name}: retrieval {rate(hits)['p']:.3f}")
 
-    cands = unseen
-    # (b) caption against reference: the reference smiles, faces front, on one background; the caption asks for
-    # another expression, another pose and another background (the paper's "Cry" claim)
-    follow = {f"{k} {w}": [] for k in D.SCENE_ATTRS for w in ("caption", "reference")}
-    follow["identity"], follow["any copied"] = [], []
-    for i, ident in enumerate(cands):
-        rng = np.random.default_rng(30_000 + i)
-        ref_scene = {"expression": "smiling", "pose": "facing front", "background": D.SCENE_ATTRS["background"][i % 4]}
-        ref = D.render([ident], ref_scene, rng)[0]
-        scenes = [D.random_scene_from(rng, held_out=True, **{k: ("not", v) for k, v in ref_scene.items()}) for _ in range(n)]
-        x = gen.sample(gen.apply(gen.identity([ref])), [D.caption(sc) for sc in scenes], seed=40_000 + i)
-        lp, sc_id = classify(x, cands)
-        copied = np.zeros(n, bool)
-        for k in D.SCENE_ATTRS:
-            pred = [D.ALL_ATTRS[k][j] for j in lp[k].argmax(1).tolist()]
-            follow[f"{k} caption"] += [p == sc[k] for p, sc in zip(pred, scenes)]
-            follow[f"{k} reference"] += [p == ref_scene[k] for p in pred]
-            copied |= np.array([p == ref_scene[k] for p in pred])
-        follow["any copied"] += copied.tolist()
-        follow["identity"] += (sc_id.argmax(1) == i).tolist()
-        if i < 2:
-            grid[f"b/{i}"] = (ref, to_uint8(x[:6]), None)
-    res["b_caption_vs_reference"] = {k: rate(v) for k, v in follow.items()}
-    log(f"(b) {json.dumps({k: round(v['p'], 3) for k, v in res['b_caption_vs_reference'].items()})}")
+    # (c) extrapolation: hair from a hue band no training identity has
+    ex = D.identities("extrapolation", n_ids)
+    xrefs, _ = reference_drawings(ex, np.random.default_rng(12_000))
+    xcaps = [[D.caption(D.random_scene_from(np.random.default_rng(12_100 + i), held_out=True)) for _ in range(per)]
+             for i in range(n_ids)]
+    xpics = generate(gen, [[r] for r in xrefs], xcaps, 30_000)
+    xreads = F.fit(xpics)
+    xtruths = [i for i in ex for _ in range(per)]
+    closer, in_band = [], []
+    train_vecs = np.stack([D.identity_vector(t) for t in train_ids]) / F.SCALE
+    for r, t in zip(xreads, xtruths):
+        v = D.identity_vector(r["identity"]) / F.SCALE
+        d_train = np.linalg.norm(train_vecs - v, axis=1).min()
+        closer.append(F.distance(r["identity"], [t])[0] < d_train)
+        in_band.append(bool(D.in_band(D.hue(r["identity"]["hair"]))))
+    res["extrapolation"] = {"closer to the reference than to any training identity": rate(closer),
+                            "hair hue read inside the band": rate(in_band),
+                            "errors": {k: mean_se(v) for k, v in errors(xreads, xtruths).items()},
+                            "band": list(D.HAIR_HUE_BAND)}
+    for i in range(min(4, n_ids)):
+        grid[f"extrapolation {i}"] = (xrefs[i], D.to_uint8(xpics[i * per:(i + 1) * per]), None)
+    log(f"extrapolation: closer {rate(closer)['p']:.3f}, hue in band {rate(in_band)['p']:.3f}")
 
-    # (c) partly occluded references: three (each occluded differently) against one, and one clean
-    occl = {"1 clean": [], "1 occluded": [], "3 occluded": []}
-    for i, ident in enumerate(cands):
-        rng = np.random.default_rng(50_000 + i)
-        clean = D.render([ident], D.random_scene_from(rng, held_out=True), rng)[0]
-        occluded = [D.render([ident], D.random_scene_from(rng, held_out=True), rng, occlude=True)[0] for _ in range(3)]
-        caps = [D.caption(D.random_scene_from(rng, held_out=True)) for _ in range(n)]
-        for label, refs in (("1 clean", [clean]), ("1 occluded", occluded[:1]), ("3 occluded", occluded)):
-            x = gen.sample(gen.apply(gen.identity(refs)), caps, seed=60_000 + i)
-            occl[label] += (classify(x, cands)[1].argmax(1) == i).tolist()
-            if i < 2 and label != "1 clean":
-                grid[f"c/{i}/{label}"] = (np.concatenate(refs, 1), to_uint8(x[:6]), None)
-    res["c_occluded_references"] = {k: rate(v) for k, v in occl.items()}
-    a, b = res["c_occluded_references"]["3 occluded"], res["c_occluded_references"]["1 occluded"]
-    res["c_occluded_references"]["3 minus 1, in standard errors"] = (a["p"] - b["p"]) / math.sqrt(a["se"] ** 2 + b["se"] ** 2)
-    log(f"(c) {json.dumps({k: round(v['p'], 3) if isinstance(v, dict) else round(v, 2) for k, v in res['c_occluded_references'].items()})}")
-
-    # (d) two identities in one picture, left and right regions, with the Eq. 7 mask and without it
+    # (d) two identities in one picture, left and right regions (Eq. 7 masks)
     W = 2 * D.SIZE
-    left = torch.zeros(1, D.PICTURE, 2 * D.PICTURE)
+    left = torch.zeros(1, D.PICTURE, W * D.POOL)
     left[..., : D.PICTURE] = 1
     masks = torch.cat([left, 1 - left])
-    two = {m: {"own": [], "partner": [], "both prefer own": []} for m in ("Eq. 7 masks", "no mask (merged)")}
-    pairs = [(i, (i + 1 + i // 4) % len(cands)) for i in range(len(cands))]
-    for p, (a_, b_) in enumerate(pairs):
-        rng = np.random.default_rng(70_000 + p)
-        ids = [gen.identity([D.render([cands[k]], D.random_scene_from(rng, held_out=True), rng)[0]]) for k in (a_, b_)]
-        scenes = [{**D.random_scene(rng), "pose": "facing front"} for _ in range(n)]
-        caps = [D.caption(sc, two=True) for sc in scenes]
-        models = {"Eq. 7 masks": gen.apply_regions(ids, masks), "no mask (merged)": gen.apply(gen.merge(*ids))}
-        for label, model in models.items():
-            x = gen.sample(model, caps, seed=80_000 + p, width=W)
-            halves = {"L": x[..., : D.SIZE], "R": x[..., D.SIZE:]}
-            prefer = {}
-            for side, own, other in (("L", a_, b_), ("R", b_, a_)):
-                sc = classify(halves[side], cands)[1]
-                prefer[side] = sc[:, own] > sc[:, other]
-                two[label]["own"] += (sc.argmax(1) == own).tolist()
-                two[label]["partner"] += (sc.argmax(1) == other).tolist()
-            two[label]["both prefer own"] += (prefer["L"] & prefer["R"]).tolist()
-            if p < 3:
-                grid[f"d/{p}/{label}"] = (None, to_uint8(x[:4]), None)
-    res["d_two_identities"] = {m: {k: rate(v) for k, v in d.items()} for m, d in two.items()}
-    log(f"(d) {json.dumps({m: {k: round(v['p'], 3) for k, v in d.items()} for m, d in res['d_two_identities'].items()})}")
+    own, partner, leaks, confs = [], [], [], []
+    r4 = np.random.default_rng(13_000)
+    two_pics = []
+    for p in range(n_ids):
+        a, b = ev[p], ev[(p + 1) % n_ids]
+        ids = [gen.identity([reference_drawings([x], r4)[0][0]]) for x in (a, b)]
+        caps = [D.caption(D.random_scene(r4), two=True) for _ in range(per)]
+        x = gen.sample(gen.apply_regions(ids, masks), caps, seed=40_000 + p, width=W)
+        two_pics.append(x)
+        halves = F.fit(torch.cat([x[..., : D.SIZE], x[..., D.SIZE:]]))
+        for h, r in enumerate(halves):
+            mine, other = (a, b) if h < per else (b, a)
+            d = F.distance(r["identity"], [mine, other] + candidates[:98])
+            own.append(int(d.argmin()) == 0)
+            partner.append(int(d.argmin()) == 1)
+        for j in range(per):   # each picture's two faces against the two references (identity part only)
+            vec = lambda ident: (D.identity_vector(ident) - F.MEAN) / F.SCALE   # noqa: E731
+            sim = M.similarity_matrix([vec(halves[j]["identity"]), vec(halves[per + j]["identity"])], [vec(a), vec(b)])
+            leaks.append(M.leakage(sim))
+            confs += [c for c in M.id_conf(sim) if c is not None]
+    res["two identities"] = {"half shows its own": rate(own), "half shows the partner": rate(partner),
+                             "pictures": n_ids * per, "halves": len(own),
+                             "MultiID-Bench leakage": mean_se([v for v in leaks if v is not None]),
+                             "ID-Conf": mean_se(confs)}
+    grid["two identities"] = (None, D.to_uint8(torch.cat(two_pics[:2])), None)
+    log(f"two identities: own {rate(own)['p']:.3f}, partner {rate(partner)['p']:.3f}")
+
+    # (e) three references in different poses against one (the facing-front one)
+    r5 = np.random.default_rng(14_000)
+    three = [reference_drawings([i] * 3, r5, [{**D.random_scene(r5), "pose": p} for p in D.POSES])[0] for i in ev]
+    pics3 = generate(gen, three, captions, 50_000)
+    pics1 = generate(gen, [[t[1]] for t in three], captions, 50_000)
+    h3 = retrieval_hits(F.fit(pics3), truths, candidates)
+    h1 = retrieval_hits(F.fit(pics1), truths, candidates)
+    res["three references"] = {"three": rate(h3), "one": rate(h1), "three minus one": paired(h3, h1)}
+    grid["three references"] = (np.concatenate(three[0], 1), D.to_uint8(pics3[:per]), D.to_uint8(pics1[:per]))
+    log(f"three references: {rate(h3)['p']:.3f} against one {rate(h1)['p']:.3f}")
     return res, grid
 
 
-def save_grid(grid, path, scale=3):
-    """One row per entry: reference(s) | generations with the adapter | (for (a)) the same seeds without it."""
+def token_budget_study(s, gen, work, train_ids, base_key, all_adapter):
+    """Issue 17 deliverable 4: an adapter trained with pooled reference tokens (2x2 at the highest-resolution layers,
+    Apply's `reference_tokens` option) against the all-tokens adapter, on the transfer cell's exact pictures (same
+    evaluation identities, references, captions and seeds), paired. Pooled becomes a candidate default only if its
+    retrieval is within one standard error of all tokens."""
+    import domain as D
+    import fit as F
+    src, info = train_adapter(s, work, gen.patcher, gen.clip, gen.codec, train_ids, base_key, reference_tokens="pooled")
+    from idfusion_pack.idfusion.adapter import IDFusionAdapter
+    per = 2
+    n_ids = s["samples"] // per
+    candidates = D.identities("candidates", 99)
+    ev = D.identities("evaluation", n_ids)
+    truths = [i for i in ev for _ in range(per)]
+    refs, _, captions, _ = transfer_inputs(ev, per, 10_000)   # exactly the transfer cell's draws (evaluate, part a)
+    out = {}
+    hits = {}
+    for label, adapter, tokens in (("all tokens (shipped adapter)", all_adapter, "all"),
+                                   ("pooled, adapter trained pooled", IDFusionAdapter.load(src), "pooled"),
+                                   ("pooled at inference only (shipped adapter)", all_adapter, "pooled")):
+        gen.adapter, gen.reference_tokens = adapter, tokens
+        pics = generate(gen, [[r] for r in refs], captions, 20_000)
+        hits[label] = retrieval_hits(F.fit(pics), truths, candidates)
+        out[label] = {"retrieval": rate(hits[label])}
+        log(f"token budget, {label}: retrieval {out[label]['retrieval']['p']:.3f}")
+    gen.adapter, gen.reference_tokens = all_adapter, "all"
+    first = "all tokens (shipped adapter)"
+    for label in list(out)[1:]:
+        out[label]["against all tokens"] = paired(hits[label], hits[first])
+    out["pooled adapter training"] = info
+    return out
+
+
+def save_grid(grid, path, scale=2):
+    """One row per entry: reference(s) | generations with the adapter | (where given) the same seeds without it."""
     from PIL import Image, ImageDraw
+    import domain as D
     rows = []
     for name, (ref, gen_, plain) in grid.items():
-        gap = np.full((gen_.shape[1], 6, 3), 255, np.uint8)
-        parts = [ref if ref is not None else np.full((gen_.shape[1], 32, 3), 255, np.uint8), gap, np.concatenate(list(gen_), 1)]
+        h = gen_.shape[1]
+        gap = np.full((h, 6, 3), 255, np.uint8)
+        parts = [ref if ref is not None else np.full((h, D.SIZE, 3), 255, np.uint8), gap, np.concatenate(list(gen_), 1)]
         if plain is not None:
-            parts += [gap, np.concatenate(list(plain), 1)]
+            parts += [gap, gap, np.concatenate(list(plain), 1)]
         rows.append((name, np.concatenate(parts, 1)))
     width = max(r.shape[1] for _, r in rows)
-    label_w = 150
+    label_w = 200
     canvas = Image.new("RGB", (label_w + width * scale, sum(r.shape[0] * scale + 4 for _, r in rows)), "white")
     d = ImageDraw.Draw(canvas)
     y = 0
@@ -513,67 +728,146 @@ def save_grid(grid, path, scale=3):
     os.replace(tmp, path)
 
 
-def ship_references(unseen, folder):
-    """The 8 unseen identities' reference pictures (example inputs for the demo and the workflows)."""
+def ship_references(folder, n=8, n_extrapolation=2):
+    """Example references: fresh evaluation-split identities the models never saw, and extrapolation identities
+    (hair hue outside every training identity's), smiling and facing front on grey, with their true parameters."""
     import domain as D
     from PIL import Image
     os.makedirs(folder, exist_ok=True)
+    for old in os.listdir(folder):
+        if old.endswith(".png"):
+            os.remove(os.path.join(folder, old))
+    scene = {"expression": "smiling", "pose": "facing front", "background": "grey"}
     listing = []
-    for i, ident in enumerate(unseen):
-        rng = np.random.default_rng(90_000 + i)
-        scene = {"expression": "smiling", "pose": "facing front", "background": "grey"}
-        im = D.upscale(D.render([ident], scene, rng)[0])
-        name = f"unseen_{i}.png"
-        tmp = os.path.join(folder, f".{name}.tmp.png")
-        Image.fromarray(im).save(tmp)
-        os.replace(tmp, os.path.join(folder, name))
-        listing.append({"file": name, "identity": ident, "scene": scene})
+    groups = (("fresh", D.identities("evaluation", 1000)[-n:]), ("extrapolation", D.identities("extrapolation", 1000)[-n_extrapolation:]))
+    for prefix, idents in groups:
+        pics = D.to_uint8(D.render_batch([[i] for i in idents], [scene] * len(idents), np.zeros((len(idents), 1, 2)))[0])
+        for i, (ident, pic) in enumerate(zip(idents, pics)):
+            name = f"{prefix}_{i}.png"
+            tmp = os.path.join(folder, f".{name}.tmp.png")
+            Image.fromarray(D.upscale(pic)).save(tmp)
+            os.replace(tmp, os.path.join(folder, name))
+            listing.append({"file": name, "kind": prefix, "identity": D.to_json(ident), "scene": scene})
     write_text_atomic(os.path.join(folder, "identities.json"), json.dumps(
-        {"about": "Reference faces of the 8 identities the shipped adapter never saw in training "
-                  "(benchmarks/synthetic/run.py, make synthetic).", "references": listing}, indent=1))
+        {"about": "Reference faces for the demo and the workflows: identities drawn fresh (no model saw them in training), "
+                  "and extrapolation identities whose hair hue lies in a band no training identity has "
+                  f"({D.HAIR_HUE_BAND[0]:.0f}-{D.HAIR_HUE_BAND[1]:.0f} degrees). identity: CIELAB colours and shape "
+                  "parameters as fractions of the picture size (benchmarks/synthetic/domain.py; make synthetic).",
+         "references": listing}, indent=1))
 
 
 def pct(r):
     return f"{100 * r['p']:.1f}% ± {100 * r['se']:.1f}"
 
 
+def mse(r, unit=""):
+    return f"{r['mean']:.2f}{unit} ± {r['se']:.2f}"
+
+
+TARGETS = {"retrieval": "≥ 90% with the adapter (chance 1%); ≤ 3% without", "colour": "≤ 25% of the error without the adapter",
+           "geometry": "≤ 30% of the error without the adapter", "extrapolation": "≥ 80%",
+           "scene": "expression and pose ≥ the base model's rate − 2 points; background ≥ 99%",
+           "copy": "≤ the base model's rate + 2 points", "noise": "≤ 1.1×", "nuisance": "costs ≤ 5 points of retrieval",
+           "two": "≥ 95% / ≤ 2%", "three": "better by ≥ 2 SE"}
+
+
 def write_report(out: dict, path: str, command: str):
     """The figures of one run as markdown tables (generated, so the numbers are the run's own)."""
-    r = out["results"]
-    q = out["base_quality"]
+    import domain as D
+    r, cal, sw = out["results"], out["calibration"], out["sweep"]
+    t = r["transfer"]
+    yes = lambda ok: "met" if ok else "**missed**"   # noqa: E731
     L = [f"# Synthetic identity domain: {out['scale']} run", "",
          f"Generated by `{command}` on {out['date']} ({out['device']}, torch {out['torch']}, ComfyUI {out['comfyui']}); "
-         f"stage times in seconds: {out['seconds']}. Figures are measured on the shipped fp16 files. "
-         "± is one standard error.", "",
-         f"Chance for identity accuracy: {100 * out['chance']:.1f}% (the most likely of {N_EVAL} candidate identities).", "",
-         "Attribute classifier, held-out drawn faces: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in out["classifier_heldout_accuracy"].items()), "",
+         f"stage times in seconds: {out['seconds']}. Every figure is measured on the shipped fp16 files, on evaluation "
+         f"identities drawn fresh (no model saw them), with captions from held-out scenes and seeds never used in "
+         f"training; ± is one standard error. Retrieval: among 100 candidates (the reference's identity and 99 other "
+         f"fresh identities) the one nearest to what the instrument reads, in the identity space scaled by the prior's "
+         f"spread per dimension (chance 1%).", "",
          f"Adapter training: {out['adapter_training']['steps']} steps, batch {out['adapter_training']['batch']}, "
-         f"{out['adapter_training']['pictures']} pictures of {out['adapter_training']['identities']} identities; mean loss of the first 20 steps "
-         f"{out['adapter_training']['loss_first20']:.4f}, of the last 20 {out['adapter_training']['loss_last20']:.4f}.", "",
-         "## Base model quality (no adapter)", "",
-         f"Grain (Laplacian energy of samples / of drawn faces, 1 = as clean as a drawing): {q['grain_ratio']:.2f} (n = {q['n']}).",
-         "Scene attributes read in base samples that match the caption: " +
-         ", ".join(f"{k.split('_')[0]} {pct(v)}" for k, v in q.items() if isinstance(v, dict)) + ".", "",
-         "## (a) Identity accuracy, with and without the adapter", "",
-         "| identities | n | with adapter | without adapter | per attribute, with adapter |", "|---|---|---|---|---|"]
-    for name in ("unseen", "seen"):
-        a = r[f"a_{name}"]
-        attrs = ", ".join(f"{k} {pct(v)}" for k, v in a["attributes_with_adapter"].items())
-        L.append(f"| {name} in adapter training | {a['with adapter']['n']} | {pct(a['with adapter'])} | {pct(a['without adapter'])} | {attrs} |")
-    b = r["b_caption_vs_reference"]
-    L += ["", "## (b) Caption against reference (reference smiling, facing front, one background; the caption asks for another of each)", "",
-          "| | follows the caption | copies the reference |", "|---|---|---|"]
-    L += [f"| {k} | {pct(b[k + ' caption'])} | {pct(b[k + ' reference'])} |" for k in ("expression", "pose", "background")]
-    L += ["", f"Any of the three copied from the reference: {pct(b['any copied'])}. Identity accuracy in these generations: {pct(b['identity'])}.", "",
-          "## (c) Partly occluded references", "", "| references | identity accuracy |", "|---|---|"]
-    c = r["c_occluded_references"]
-    L += [f"| {k} | {pct(v)} |" for k, v in c.items() if isinstance(v, dict)]
-    L += ["", f"Three half-occluded references against one: {c['3 minus 1, in standard errors']:+.1f} standard errors.", "",
-          "## (d) Two identities in one picture (left and right regions)", "",
-          "| | half shows its own identity | half shows the partner | both halves prefer their own over the partner |",
-          "|---|---|---|---|"]
-    L += [f"| {m} | {pct(d['own'])} | {pct(d['partner'])} | {pct(d['both prefer own'])} |" for m, d in r["d_two_identities"].items()]
-    L += ["", f"Image grid: `grid_{out['scale']}.png` (reference | with adapter | same seeds without adapter).", ""]
+         f"{out['adapter_training']['pictures']} pictures of {out['adapter_training']['identities']} training identities; "
+         f"mean loss of the first 20 steps {out['adapter_training']['loss_first20']:.4f}, of the last 20 "
+         f"{out['adapter_training']['loss_last20']:.4f}.", "",
+         "## 1. The instrument's calibration (renderer fit; measured before any generation was read)", "",
+         "| input (n = %d) | skin ΔE | hair ΔE | eyes ΔE | face width px | face height px | eye spacing px | eye size px | mouth width px | hair volume px | fringe px | expression | pose | background | retrieval |" % cal["clean drawings"]["retrieval"]["n"],
+         "|---|" + "---|" * 14]
+    for name, c in cal.items():
+        L.append(f"| {name} | " + " | ".join(mse(c[k]) for k in ["skin", "hair", "eyes"] + list(D.GEOMETRY)) + " | " +
+                 " | ".join(pct(c[f"{k} follows caption"]) for k in D.SCENE_ATTRS) + f" | {pct(c['retrieval'])} |")
+    L += ["", "## 2. Shipped defaults: chosen on validation identities", "",
+          f"{sw['identities']} validation identities, {sw['pictures_per_setting']} pictures per setting (a split of its own, "
+          "never the evaluation identities). Rule fixed before the sweep: among settings with flat-region noise ratio ≤ 1.1 "
+          "and expression and pose following within 5 points of the base model at that CFG, the highest retrieval.", "",
+          "| CFG | uncond | weight | retrieval | noise ratio | expression follows | pose follows |", "|---|---|---|---|---|---|---|"]
+    for s in sw["settings"]:
+        L.append(f"| {s['cfg']} | {s['uncond']} | {s['weight']} | {pct(s['retrieval'])} | {s['noise_ratio']:.2f} | "
+                 f"{pct(s['expression follows caption'])} | {pct(s['pose follows caption'])} |")
+    L += ["", f"Chosen: CFG {sw['chosen']['cfg']}, uncond `{sw['chosen']['uncond']}`, weight {sw['chosen']['weight']}.", "",
+          "## 3. Figures against the targets (evaluation identities)", "",
+          "| measure | target | result | |", "|---|---|---|---|"]
+    rw, r0 = t["retrieval with adapter"], t["retrieval without adapter"]
+    L.append(f"| retrieval among 100 fresh candidates, n = {rw['n']} | {TARGETS['retrieval']} | {pct(rw)} with, {pct(r0)} without | "
+             f"{yes(rw['p'] >= 0.9 and r0['p'] <= 0.03)} |")
+    for k in ["skin", "hair", "eyes"]:
+        ratio = t["error ratio"][k]
+        L.append(f"| {k} colour error (ΔE) | {TARGETS['colour']} | {mse(t['errors with adapter'][k])} against "
+                 f"{mse(t['errors without adapter'][k])}: {100 * ratio:.0f}% | {yes(ratio <= 0.25)} |")
+    for k in D.GEOMETRY:
+        ratio = t["error ratio"][k]
+        L.append(f"| {k} error (px) | {TARGETS['geometry']} | {mse(t['errors with adapter'][k])} against "
+                 f"{mse(t['errors without adapter'][k])}: {100 * ratio:.0f}% | {yes(ratio <= 0.30)} |")
+    x = r["extrapolation"]["closer to the reference than to any training identity"]
+    L.append(f"| extrapolation references: picture closer to the reference than to any of the {out['train_ids']} training "
+             f"identities | {TARGETS['extrapolation']} | {pct(x)} | {yes(x['p'] >= 0.8)} |")
+    sw_, s0 = t["scene with adapter"], t["scene without adapter (base model)"]
+    for k in ("expression", "pose"):
+        a, b = sw_[f"{k} follows caption"], s0[f"{k} follows caption"]
+        L.append(f"| {k} follows the caption (reference in another {k}) | {TARGETS['scene']} | {pct(a)}; base model {pct(b)} | "
+                 f"{yes(a['p'] >= b['p'] - 0.02)} |")
+    a = sw_["background follows caption"]
+    L.append(f"| background follows the caption | ≥ 99% | {pct(a)}; base model {pct(s0['background follows caption'])} | {yes(a['p'] >= 0.99)} |")
+    for k in ("expression", "pose"):
+        a, b = sw_[f"{k} copied from reference"], s0[f"{k} copied from reference"]
+        L.append(f"| copy-paste: the reference's {k} though the caption asks another | {TARGETS['copy']} | {pct(a)}; base model "
+                 f"{pct(b)} | {yes(a['p'] <= b['p'] + 0.02)} |")
+    q = t["flat-region noise"]
+    L.append(f"| high-frequency energy in flat regions, with against without the identity | {TARGETS['noise']} | "
+             f"{q['ratio']:.2f}× ({q['with']:.1f} against {q['without']:.1f}) | {yes(q['ratio'] <= 1.1)} |")
+    for name, v in r["nuisance"].items():
+        c = v["cost against clean references"]
+        L.append(f"| reference nuisance: {name} | {TARGETS['nuisance']} | retrieval {pct(v['retrieval'])}, cost "
+                 f"{100 * c['diff']:+.1f} ± {100 * c['se']:.1f} points | {yes(c['diff'] <= 0.05)} |")
+    tw = r["two identities"]
+    L.append(f"| two identities with masks: a half shows its own / the partner ({tw['halves']} halves) | {TARGETS['two']} | "
+             f"{pct(tw['half shows its own'])} / {pct(tw['half shows the partner'])} | "
+             f"{yes(tw['half shows its own']['p'] >= 0.95 and tw['half shows the partner']['p'] <= 0.02)} |")
+    th = r["three references"]
+    L.append(f"| three references in different poses against one | {TARGETS['three']} | {pct(th['three'])} against "
+             f"{pct(th['one'])}: {th['three minus one']['in_se']:+.1f} SE | {yes(th['three minus one']['in_se'] >= 2)} |")
+    lit = t["MultiID-Bench terms"]
+    L += ["", "## 4. The same pictures in the literature's terms (issue 20)", "",
+          "MultiID-Bench's Sim(Ref), Sim(GT) and copy-paste M_CP = (θ_gt − θ_gr)/θ_tr, and for two-person pictures its "
+          "leakage and UMO's ID-Conf, computed with the pack's own metric functions (`idfusion/metrics.py`) on vectors "
+          "built from what the instrument reads (run.py `embedding`: identity in prior units plus expression and head "
+          "turn) in place of ArcFace embeddings. The ground truth t is the reference's identity in the caption's scene, "
+          "known exactly here. M_CP is +1 for a copy of the reference, −1 for the ground truth.", "",
+          "| | Sim(Ref) | Sim(GT) | M_CP |", "|---|---|---|---|"]
+    L += [f"| {k} | {mse(v['Sim(Ref)'])} | {mse(v['Sim(GT)'])} | {mse(v['M_CP'])} |" for k, v in lit.items()]
+    L += ["", f"Two identities with masks: leakage {mse(tw['MultiID-Bench leakage'])}, ID-Conf {mse(tw['ID-Conf'])}."]
+    if "token budget" in out:
+        tb = out["token budget"]
+        L += ["", "## 5. The token budget, trained (`make synthetic-token-budget`)", "",
+              "The transfer cell's exact pictures (same identities, references, captions and seeds), retrieval paired "
+              "against the shipped all-tokens adapter. Pooled: 2x2 average pooling of h_f at the highest-resolution "
+              "attention layers (Apply's `reference_tokens`).", "", "| variant | retrieval | against all tokens |", "|---|---|---|"]
+        for label, v in tb.items():
+            if "retrieval" in v:
+                c = v.get("against all tokens")
+                L.append(f"| {label} | {pct(v['retrieval'])} | " + (f"{100 * c['diff']:+.1f} ± {100 * c['se']:.1f} points" if c else "") + " |")
+    L += ["", f"Extrapolation: the hair hue read inside the band ({r['extrapolation']['band'][0]:.0f}-"
+          f"{r['extrapolation']['band'][1]:.0f} degrees) in {pct(r['extrapolation']['hair hue read inside the band'])} "
+          f"of the pictures; hair ΔE {mse(r['extrapolation']['errors']['hair'])}.", "",
+          f"Image grid: `grid_{out['scale']}.png` (reference | with the adapter | same seeds without it).", ""]
     write_text_atomic(path, "\n".join(L))
 
 
@@ -584,8 +878,14 @@ def main(argv=None):
     ap.add_argument("--models", default=None, help="where the shipped files go (default: the pack's models/ for "
                     "--scale cpu, <work>/models otherwise)")
     ap.add_argument("--report", default=None, help="where results, report and grid go (default docs/synthetic for cpu)")
+    ap.add_argument("--stage", choices=["all", "token-budget"], default="all", help="token-budget: after a full run "
+                    "(its stages cached in --work), train the pooled-token adapter and compare it on the transfer cell")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's own choice); 1 is "
+                    "faster on a machine other jobs share")
     ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH") or os.path.join(ROOT, ".hosts", "0.3.75", "ComfyUI"))
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     from train import load_pack   # scripts/train.py: loads ComfyUI and this pack as idfusion_pack
     load_pack(args.comfyui, cpu=device.type == "cpu")
@@ -596,46 +896,64 @@ def main(argv=None):
     official = args.scale == "cpu"
     models = args.models or (os.path.join(ROOT, "models") if official else os.path.join(args.work, "models"))
     report = args.report or (os.path.join(ROOT, "docs", "synthetic") if official else os.path.join(args.work, "report"))
-    for d in (args.work, report, os.path.join(models, "idfusion"), os.path.join(models, "classifier")):
+    for d in (args.work, report, os.path.join(models, "idfusion")):
         os.makedirs(d, exist_ok=True)
     base_path = os.path.join(models, "synthetic_faces.safetensors")
     adapter_path = os.path.join(models, "idfusion", "synthetic_faces_adapter.safetensors")
-    clf_path = os.path.join(models, "classifier", "synthetic_faces_classifier.safetensors")
     t0 = time.time()
     timings = {}
+    train_ids = D.identities("training", s["train_ids"])
+    if args.stage == "token-budget":   # on top of a finished run: its shipped files and results stay as they are
+        from idfusion_pack.idfusion.adapter import IDFusionAdapter
+        patcher, clip, codec, _ = synthetic.load(base_path)
+        adapter = IDFusionAdapter.load(adapter_path)
+        path = os.path.join(report, f"results_{args.scale}.json")
+        with open(path) as f:
+            out = json.load(f)
+        gen = Generator(patcher, clip, codec, adapter, s["eval_steps"], **out["sweep"]["chosen"])
+        out["token budget"] = token_budget_study(s, gen, args.work, train_ids, key(base_phases(s)[-1]), adapter)
+        out["seconds"]["token budget"] = round(time.time() - t0)
+        write_text_atomic(path, json.dumps(out, indent=1))
+        write_report(out, os.path.join(report, f"report_{args.scale}.md"),
+                     "make synthetic" if official else f"benchmarks/synthetic/run.py --scale {args.scale}")
+        log(f"token budget study done in {time.time() - t0:.0f}s: {path}")
+        return
     unet_state, text_state, settings = train_base(s, args.work, device)
     ship_base(base_path, unet_state, text_state, settings)
     patcher, clip, codec, _ = synthetic.load(base_path)     # from here on: the shipped fp16 weights
     timings["base"] = time.time() - t0
-    clf, clf_acc = train_classifier(s, args.work, device, clf_path)
-    timings["classifier"] = time.time() - t0 - sum(timings.values())
-    train_ids, unseen = split_identities(s)
-    seen = train_ids[:N_EVAL]
     src, train_info = train_adapter(s, args.work, patcher, clip, codec, train_ids, key(settings))
     adapter = ship_adapter(src, adapter_path, train_info)
     timings["adapter"] = time.time() - t0 - sum(timings.values())
     gen = Generator(patcher, clip, codec, adapter, s["eval_steps"])
-    quality, base_samples = base_quality(gen, clf, n=128 if official else 8)
-    log(f"base quality: grain {quality['grain_ratio']:.2f}, " + ", ".join(f"{k} {v['p']:.3f}" for k, v in quality.items() if isinstance(v, dict)))
-    res, grid = evaluate(s, gen, clf, seen, unseen)
-    grid = {"base samples (no adapter)": (None, base_samples, None), **grid}
+    candidates = D.identities("candidates", 99)
+    per = 2
+    calibration, cal_pics = calibrate(gen, s["samples"] // per, per, candidates)
+    timings["calibration"] = time.time() - t0 - sum(timings.values())
+    sweep_out = sweep(gen, max(2, s["samples"] // 8), per, candidates)
+    timings["sweep"] = time.time() - t0 - sum(timings.values())
+    res, grid = evaluate(s, gen, train_ids)
+    grid = {**{f"calibration: {k}": (None, D.to_uint8(v), None) for k, v in cal_pics.items()}, **grid}
     timings["evaluation"] = time.time() - t0 - sum(timings.values())
     save_grid(grid, os.path.join(report, f"grid_{args.scale}.png"))
     out = {"scale": args.scale, "settings": s, "device": str(device), "torch": torch.__version__,
-           "comfyui": comfyui_version.__version__, "date": time.strftime("%Y-%m-%d"), "chance": 1 / N_EVAL,
-           "classifier_heldout_accuracy": clf_acc, "adapter_training": train_info, "base_quality": quality,
-           "results": res, "seconds": {k: round(v) for k, v in timings.items()}}
+           "comfyui": comfyui_version.__version__, "date": time.strftime("%Y-%m-%d"), "train_ids": s["train_ids"],
+           "adapter_training": train_info, "calibration": calibration, "sweep": sweep_out, "results": res,
+           "seconds": {k: round(v) for k, v in timings.items()}}
     path = os.path.join(report, f"results_{args.scale}.json")
     write_text_atomic(path, json.dumps(out, indent=1))
     write_report(out, os.path.join(report, f"report_{args.scale}.md"),
                  "make synthetic" if official else f"benchmarks/synthetic/run.py --scale {args.scale}")
     # the measured figures travel with the shipped files
-    figures = {"date": out["date"], "chance": 1 / N_EVAL, "base_grain_ratio": round(quality["grain_ratio"], 3),
-               "unseen_identity_accuracy": {k: round(res["a_unseen"][k]["p"], 4) for k in ("with adapter", "without adapter")},
-               "n": res["a_unseen"]["with adapter"]["n"], "report": "docs/synthetic_identity.md"}
+    t = res["transfer"]
+    figures = {"date": out["date"], "retrieval_chance": 0.01, "n": t["pictures"],
+               "retrieval": {"with adapter": round(t["retrieval with adapter"]["p"], 4),
+                             "without adapter": round(t["retrieval without adapter"]["p"], 4)},
+               "extrapolation_closer_than_training": round(res["extrapolation"]["closer to the reference than to any training identity"]["p"], 4),
+               "report": "docs/synthetic_identity.md"}
     ship_base(base_path, unet_state, text_state, settings, figures)
-    ship_adapter(src, adapter_path, train_info, figures)
-    ship_references(unseen, os.path.join(ROOT, "workflows", "assets", "synthetic") if official else os.path.join(models, "references"))
+    ship_adapter(src, adapter_path, train_info, figures, sweep_out["chosen"])
+    ship_references(os.path.join(ROOT, "workflows", "assets", "synthetic") if official else os.path.join(models, "references"))
     log(f"done in {time.time() - t0:.0f}s: {path}")
 
 

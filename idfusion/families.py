@@ -1,0 +1,47 @@
+"""The one interface the nodes call, per model family: which glue module patches this model.
+
+- UNet (SD1.5, SDXL, ...: attn2 cross-attention layers): patch.py + identity.py.
+- Flux DiT (comfy.ldm.flux.model.Flux: Flux dev/schnell/Kontext/Fill, Flux 2): patch_flux.py.
+
+Each glue offers the same names: family, find_layers, check_adapter, check_identity, fresh_adapter, encode_identity, identity_for_model,
+Fusion, install, missing_hooks."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from . import patch, patch_flux
+from .adapter import IDFusionAdapter, find_layers as unet_layers
+from .identity import encode_identity as unet_encode
+
+
+UNET = SimpleNamespace(
+    family="UNet",
+    find_layers=unet_layers,
+    check_adapter=lambda adapter, model_patcher: adapter.check_model(model_patcher),
+    check_identity=lambda identity, model_patcher, mode=None: identity.check_model(model_patcher, mode),
+    fresh_adapter=IDFusionAdapter.fresh,
+    encode_identity=unet_encode,
+    identity_for_model=lambda identity, model_patcher: identity.for_model(model_patcher),
+    Fusion=patch.Fusion,
+    install=patch.install,
+    missing_hooks=lambda: None,
+)
+
+FLUX = SimpleNamespace(
+    family="Flux",
+    find_layers=patch_flux.find_layers,
+    check_adapter=patch_flux.check_adapter,
+    check_identity=patch_flux.check_identity,
+    fresh_adapter=patch_flux.fresh_adapter,
+    encode_identity=patch_flux.encode_identity,
+    identity_for_model=patch_flux.identity_for_model,
+    Fusion=patch_flux.FluxFusion,
+    install=patch_flux.install,
+    missing_hooks=patch_flux.missing_hooks,
+)
+
+
+def glue_for(model_patcher):
+    """The glue for this MODEL: Flux for ComfyUI's Flux DiT class, else the UNet glue (which reports clearly when a
+    model has no attn2 layers)."""
+    return FLUX if patch_flux.is_flux(model_patcher) else UNET
