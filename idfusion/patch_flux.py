@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from . import fusion
 from .adapter import AdapterError, IDFusionAdapter, Layer, model_family
-from .identity import Identity, thumbnail
+from .identity import MAX_LATENT_TOKENS, Identity, thumbnail
 from .patch import Entry, Fusion, chunk_options  # noqa: F401  (Entry: one interface with patch.py for the nodes)
 
 log = logging.getLogger("IDFusion")
@@ -287,6 +287,10 @@ def encode_identity(model_patcher, vae, image, clip=None, timestep: int = 0, mod
         if latent.shape[1] != latent_channels(model_patcher):
             raise AdapterError(f"The VAE gives {latent.shape[1]}-channel latents but this Flux model takes "
                                f"{latent_channels(model_patcher)}: connect the model's own VAE (ae.safetensors).")
+        if latent.shape[2] * latent.shape[3] > MAX_LATENT_TOKENS:   # the bound a saved identity must meet to load
+            raise AdapterError(f"Reference image {r + 1} is {image.shape[2]}x{image.shape[1]} px, a {latent.shape[3]}x"
+                               f"{latent.shape[2]} latent: more than the {MAX_LATENT_TOKENS} positions (128x128) a "
+                               f"reference pass may take. Crop the face or scale the image down.")
         h_f.append(reference_h_f(model_patcher, layers, latent, sigma, context, y))
         latents.append(latent)
         if progress is not None:

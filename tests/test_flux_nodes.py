@@ -133,3 +133,12 @@ def test_old_comfyui_says_which_version_flux_needs(vae):
                      [torch.zeros(1, 16, 4, 4)], torch.zeros(1, 1, 48), torch.zeros(1, 32), "ann")
     with pytest.raises(ValueError, match=msg):
         apply_nodes.IDFusionApply().apply(flux, adapter, ident, **COMMON)
+
+
+def test_encode_refuses_a_reference_beyond_the_pass_bound_like_the_unet_path(flux, vae):
+    """A Flux reference above 1024 px (a latent of more than 128x128 positions) is refused at Encode, as on the UNet
+    families, so every identity Encode makes can be saved and loaded again (issue 18's bound)."""
+    if not HOOKS:
+        pytest.skip("this host has no Flux path")
+    with torch.inference_mode(), pytest.raises(AdapterError, match=r"more than the 16384 positions \(128x128\)"):
+        patch_flux.encode_identity(flux, vae, images(1, size=1040), name="big")
