@@ -40,6 +40,7 @@ class Fusion:
     attention layers (SD1.5: the latent's own resolution; SDXL: half of it), fewer keys where they cost most."""
 
     REFERENCE_TOKENS = ("all", "pooled")
+    reference_pass = staticmethod(run_reference_pass)   # per-step mode's pass; the Flux glue swaps in its own
 
     def __init__(self, adapter: IDFusionAdapter, entries: list[Entry], weight: float = 1.0,
                  sigma_start: float = float("inf"), sigma_end: float = 0.0, uncond: bool = False,
@@ -135,7 +136,7 @@ class Fusion:
         for e, (lat, noise) in zip(self.entries, self._refs[device]):
             sigma = t.reshape(-1)[:1].expand(lat.shape[0]).to(device)
             x_ref = ms.noise_scaling(sigma, noise, lat)
-            out.append(run_reference_pass(base_model, device, x_ref, sigma, e.identity.context, e.identity.y))
+            out.append(self.reference_pass(base_model, device, x_ref, sigma, e.identity.context, e.identity.y))
         return out
 
 

@@ -326,6 +326,8 @@ class FluxFusion(Fusion):
     """Fusion (patch.py) for a Flux DiT: the same inputs and Eq. 2 projection; K_f additionally goes through the
     block's key RMSNorm and RoPE at the reference positions, laid out per head: (heads, N_f, head_dim)."""
 
+    reference_pass = staticmethod(run_reference_pass)   # the DiT's own reference pass (per-step mode)
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._heads = {}  # (layer name, device, dtype, weight) -> [(K_f, V_f) per entry], (heads, N_f, dh) each
@@ -389,20 +391,6 @@ class FluxFusion(Fusion):
         to["idfusion"] = {**to.get("idfusion", {}), self.uid: state, "sigma": sigma,
                           "layout": {"image": h * w, "extra": extra, "grid": (h, w), "model": dm}}
         return executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
-
-    def _encode_step(self, base_model, t, device):
-        ms = base_model.model_sampling
-        if device not in self._refs:
-            g = torch.Generator().manual_seed(self.seed)
-            self._refs[device] = [(torch.cat([l.to(device) for l in e.identity.latents]),
-                                   torch.cat([torch.randn(l.shape, generator=g) for l in e.identity.latents]).to(device))
-                                  for e in self.entries]
-        out = []
-        for e, (lat, noise) in zip(self.entries, self._refs[device]):
-            sigma = t.reshape(-1)[:1].expand(lat.shape[0]).to(device)
-            x_ref = ms.noise_scaling(sigma, noise, lat)
-            out.append(run_reference_pass(base_model, device, x_ref, sigma, e.identity.context, e.identity.y))
-        return out
 
 
 def math_prod(hw) -> int:
