@@ -34,7 +34,7 @@ test-old:
 	COMFYUI_PATH=$(call comfy,$(OLD_HOST)) $(call py,$(OLD_HOST)) -m pytest -q -p no:cacheprovider \
 	  tests/test_nodes.py tests/test_fused_attention.py tests/test_faces.py tests/test_face_benchmark.py tests/test_server_e2e.py \
 	  tests/test_synthetic_model.py tests/test_bad_input.py tests/test_train_server.py tests/test_identity_files.py tests/test_sdxl_e2e.py \
-	  tests/test_token_budget.py tests/test_block_weights.py tests/test_flux_nodes.py tests/test_metrics.py \
+	  tests/test_token_budget.py tests/test_block_weights.py tests/test_flux_nodes.py tests/test_flux_train.py tests/test_metrics.py \
 	  tests/test_hostile_inputs.py tests/test_hostile_server.py tests/test_parsers_property.py; \
 	  rc=$$?; [ $$rc -eq 5 ] && echo "pytest collected no tests" >&2; exit $$rc
 

@@ -20,7 +20,9 @@ each figure the median of the paired per-repeat ratios to plain with its interqu
 (the embedders and the final layer are unchanged by IDFusion and excluded, so a real step's ratio is slightly lower).
 
     python benchmarks/bench_flux_blocks.py                  # 3 repeats
-    python benchmarks/bench_flux_blocks.py --repeats 1      # a quick check that it runs (~8 min on 2 cores)
+    python benchmarks/bench_flux_blocks.py --repeats 1      # a check that it runs (~25 min on a loaded 2-core VM)
+
+Peak RSS was 11.3 GB in the 2026-11-30 run (probably the 4096-token ReferenceLatent variant): check `free -g` first.
 """
 from __future__ import annotations
 

@@ -4,12 +4,15 @@
 - Flux DiT (comfy.ldm.flux.model.Flux: Flux dev/schnell/Kontext/Fill, Flux 2): patch_flux.py.
 
 Each glue offers the same names: family, find_layers, check_adapter, check_identity, fresh_adapter, encode_identity, identity_for_model,
-Fusion, install, missing_hooks."""
+Fusion, install, missing_hooks; and for the one Trainer (train.py): text_condition, reference_sigma, run_reference_pass
+(h_f of a batch of references), train_sigma (a 0..999 draw on the model's noise schedule), target_kwargs (the target
+forward's extra inputs), train_options (the training forward's fused attention, with gradients) and trainable (a
+clone the trainer can back-propagate through)."""
 from __future__ import annotations
 
 from types import SimpleNamespace
 
-from . import patch, patch_flux
+from . import identity, patch, patch_flux, train
 from .adapter import IDFusionAdapter, find_layers as unet_layers
 from .identity import encode_identity as unet_encode
 
@@ -25,6 +28,13 @@ UNET = SimpleNamespace(
     Fusion=patch.Fusion,
     install=patch.install,
     missing_hooks=lambda: None,
+    text_condition=identity.text_condition,
+    reference_sigma=identity.reference_sigma,
+    run_reference_pass=identity.run_reference_pass,
+    train_sigma=train.unet_train_sigma,
+    target_kwargs=train.unet_target_kwargs,
+    train_options=train.unet_train_options,
+    trainable=train.unet_trainable,
 )
 
 FLUX = SimpleNamespace(
@@ -38,6 +48,13 @@ FLUX = SimpleNamespace(
     Fusion=patch_flux.FluxFusion,
     install=patch_flux.install,
     missing_hooks=patch_flux.missing_hooks,
+    text_condition=patch_flux.text_condition,
+    reference_sigma=patch_flux.reference_sigma,
+    run_reference_pass=patch_flux.run_reference_pass,
+    train_sigma=patch_flux.train_sigma,
+    target_kwargs=patch_flux.target_kwargs,
+    train_options=patch_flux.train_options,
+    trainable=patch_flux.trainable,
 )
 
 

@@ -362,11 +362,29 @@ def reference_h_f(model_patcher, layers: list[Layer], latent: torch.Tensor, sigm
     return {l.name: rec[l.key][0].float().cpu() for l in layers}
 
 
+def check_reference_size(image: torch.Tensor, vae, r: int = 0, latent: torch.Tensor | None = None):
+    """Refuse a reference beyond MAX_LATENT_TOKENS positions (what a saved identity may hold, so every saved identity
+    stays loadable): from the image size and the VAE's downscale_ratio before the VAE encodes (and allocates), or,
+    for a VAE without an integer ratio, from the encoded latent."""
+    ratio = getattr(vae, "downscale_ratio", None)  # ComfyUI's VAE crops to a multiple of it: latent = pixels // ratio
+    if latent is not None:
+        lat_h, lat_w = latent.shape[2], latent.shape[3]
+    elif isinstance(ratio, int) and ratio > 0:
+        lat_h, lat_w = image.shape[1] // ratio, image.shape[2] // ratio
+    else:
+        return
+    if lat_h * lat_w > MAX_LATENT_TOKENS:
+        raise AdapterError(f"Reference image {r + 1} is {image.shape[2]}x{image.shape[1]} px, a {lat_w}x{lat_h} latent: "
+                           f"more than the {MAX_LATENT_TOKENS} positions (128x128) a reference pass may take. Crop the "
+                           f"face or scale the image down (a face crop of 512-1024 px is plenty).")
+
+
 def encode_identity(model_patcher, vae, image: torch.Tensor, clip=None, timestep: int = 0,
                     mode: str = "cached", name: str = "identity", progress=None) -> Identity:
     """IMAGE batch (B, H, W, 3) of one person -> Identity with h_f per reference, one UNet pass each."""
     if image.ndim != 4 or image.shape[0] == 0:
         raise AdapterError("reference_images must be an IMAGE batch with at least one image.")
+    check_reference_size(image, vae)
     base = model_patcher.model
     layers = find_layers(base.diffusion_model)
     context, y, text = text_condition(model_patcher, clip, width=image.shape[2], height=image.shape[1])
@@ -375,10 +393,7 @@ def encode_identity(model_patcher, vae, image: torch.Tensor, clip=None, timestep
     for r in range(image.shape[0]):
         thumbs.append(thumbnail(image[r]))
         latent = base.process_latent_in(vae.encode(image[r:r + 1, :, :, :3])).float().cpu()
-        if _positions(latent.shape) > MAX_LATENT_TOKENS:  # what a saved file may hold: keep every saved identity loadable
-            raise AdapterError(f"Reference image {r + 1} is {image.shape[2]}x{image.shape[1]} px, a {latent.shape[3]}x"
-                               f"{latent.shape[2]} latent: more than the {MAX_LATENT_TOKENS} positions (128x128) a reference "
-                               f"pass may take. Crop the face or scale the image down (a face crop of 512-1024 px is plenty).")
+        check_reference_size(image, vae, r, latent)
         h_f.append(reference_h_f(model_patcher, layers, latent, sigma, context, y))
         latents.append(latent)
         if progress is not None:

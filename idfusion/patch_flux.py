@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from . import fusion
 from .adapter import AdapterError, IDFusionAdapter, Layer, model_family
-from .identity import MAX_LATENT_TOKENS, Identity, thumbnail
+from .identity import Identity, check_reference_size, thumbnail
 from .patch import Entry, Fusion, chunk_options  # noqa: F401  (Entry: one interface with patch.py for the nodes)
 
 log = logging.getLogger("IDFusion")
@@ -199,15 +199,36 @@ def token_grid(latent_hw, patch_size: int):
     return (h + patch_size // 2) // patch_size, (w + patch_size // 2) // patch_size
 
 
+def reference_positions(latent_sizes, patch_size: int, axes: int, pooled: bool, device) -> torch.Tensor:
+    """RoPE positions (N_f, axes) of references with these latent sizes (h, w), reference r at time index -(1 + r),
+    height/width on its own token grid from 0; 2x2-pooled tokens sit at their cells' centres. Apply and training
+    both place identity keys here."""
+    ids = []
+    for r, hw in enumerate(latent_sizes):
+        h, w = token_grid(hw, patch_size)
+        step, off = 1.0, 0.0
+        if pooled:
+            h, w, step, off = (h + 1) // 2, (w + 1) // 2, 2.0, 0.5
+        grid = torch.zeros(h, w, axes, device=device)
+        grid[..., 0] = -(1.0 + r)
+        grid[..., 1] = (torch.arange(h, device=device, dtype=torch.float32) * step + off)[:, None]
+        grid[..., 2] = (torch.arange(w, device=device, dtype=torch.float32) * step + off)[None, :]
+        ids.append(grid.reshape(-1, axes))
+    return torch.cat(ids)
+
+
 # ---- the reference pass ---------------------------------------------------------------------------------------
 class _BlockRecorder:
     """patches_replace["dit"] entry for one block in the reference pass: records h_f = LayerNorm(image tokens entering
-    the block), then runs the block unchanged."""
+    the block), then runs the block unchanged. It also lets Cancel stop a long pass between blocks (as the UNet pass
+    does between layers): ComfyUI's interrupt is otherwise only seen between sampler steps."""
 
     def __init__(self, key, n_txt: int, store: dict):
         self.key, self.n_txt, self.store = key, n_txt, store
 
     def __call__(self, args, extra):
+        import comfy.model_management
+        comfy.model_management.throw_exception_if_processing_interrupted()
         img = args["img"]
         if self.key[0] == "single":  # single blocks see cat(txt, img)
             img = img[:, self.n_txt:]
@@ -276,6 +297,7 @@ def encode_identity(model_patcher, vae, image, clip=None, timestep: int = 0, mod
         raise AdapterError(problem)
     if image.ndim != 4 or image.shape[0] == 0:
         raise AdapterError("reference_images must be an IMAGE batch with at least one image.")
+    check_reference_size(image, vae)
     base = model_patcher.model
     layers = find_layers(base.diffusion_model)
     context, y, text = text_condition(model_patcher, clip)
@@ -287,10 +309,7 @@ def encode_identity(model_patcher, vae, image, clip=None, timestep: int = 0, mod
         if latent.shape[1] != latent_channels(model_patcher):
             raise AdapterError(f"The VAE gives {latent.shape[1]}-channel latents but this Flux model takes "
                                f"{latent_channels(model_patcher)}: connect the model's own VAE (ae.safetensors).")
-        if latent.shape[2] * latent.shape[3] > MAX_LATENT_TOKENS:   # the bound a saved identity must meet to load
-            raise AdapterError(f"Reference image {r + 1} is {image.shape[2]}x{image.shape[1]} px, a {latent.shape[3]}x"
-                               f"{latent.shape[2]} latent: more than the {MAX_LATENT_TOKENS} positions (128x128) a "
-                               f"reference pass may take. Crop the face or scale the image down.")
+        check_reference_size(image, vae, r, latent)
         h_f.append(reference_h_f(model_patcher, layers, latent, sigma, context, y))
         latents.append(latent)
         if progress is not None:
@@ -341,18 +360,8 @@ class FluxFusion(Fusion):
 
     def reference_ids(self, layer: Layer, latents, patch_size: int, axes: int, device) -> torch.Tensor:
         """RoPE positions (N_f, axes) of one entry's references, in the order _project concatenates them."""
-        ids = []
-        for r, lat in enumerate(latents):
-            h, w = token_grid(lat.shape[-2:], patch_size)
-            step, off = 1.0, 0.0
-            if layer.name in self._pooled:  # 2x2 pooled tokens sit at their cells' centres
-                h, w, step, off = (h + 1) // 2, (w + 1) // 2, 2.0, 0.5
-            grid = torch.zeros(h, w, axes, device=device)
-            grid[..., 0] = -(1.0 + r)
-            grid[..., 1] = (torch.arange(h, device=device, dtype=torch.float32) * step + off)[:, None]
-            grid[..., 2] = (torch.arange(w, device=device, dtype=torch.float32) * step + off)[None, :]
-            ids.append(grid.reshape(-1, axes))
-        return torch.cat(ids)
+        return reference_positions([lat.shape[-2:] for lat in latents], patch_size, axes, layer.name in self._pooled,
+                                   device)
 
     def kv_heads(self, layer: Layer, device, dtype, state: dict | None, dm):
         """[(K_f, V_f)] per entry at this block, each (heads, N_f, head_dim): K_f key-normed and rotated."""
@@ -586,3 +595,128 @@ def install(model_patcher, fusion_: FluxFusion):
         m.add_callback_with_key(CallbacksMP.ON_CLEANUP, RELEASE_KEY, release_device_memory)
     return m
 
+
+
+# ---- training (idfusion/train.py's Trainer, through families.py) ------------------------------------------------
+TRAIN_KEY = "idfusion_train"          # transformer_options key of one training forward's per-row data
+
+
+def train_sigma(model_sampling, t: torch.Tensor) -> torch.Tensor:
+    """A training draw t in 0..999 -> sigma on Flux's flow schedule: ModelSamplingFlux.sigma takes a time in (0, 1]
+    (its shift applied), not an integer timestep as the UNets' discrete schedules do."""
+    return model_sampling.sigma((t.float() + 1.0) / 1000.0)
+
+
+def target_kwargs(base_model, ref_y, caption_y, batch: int, device) -> dict:
+    """The target forward's extra inputs: the caption's pooled text as Flux's vector input (what a prompt gives it at
+    inference), and on guidance-distilled models ComfyUI's default guidance (model_base.Flux.extra_conds: 3.5)."""
+    dm = base_model.diffusion_model
+    out = {}
+    if dm.params.vec_in_dim:
+        out["y"] = (caption_y if caption_y is not None else torch.zeros(batch, dm.params.vec_in_dim)).to(device)
+    if dm.params.guidance_embed:
+        out["guidance"] = torch.full((batch,), REFERENCE_GUIDANCE, device=device)
+    return out
+
+
+class TrainAttention:
+    """transformer_options["optimized_attention_override"] of a training forward: at every block the image queries
+    attend to [K; K_f] with K_f/V_f from each row's own h_f through the adapter's Linear_kf/Linear_vf (Eq. 2), with
+    gradients, K_f through the block's key RMSNorm and RoPE exactly as Apply does (JointAttention). Text queries see
+    the block's own keys only. Rows whose reference was dropped do not see the identity keys at all (the uncond
+    behaviour at inference)."""
+
+    def __init__(self, adapter: IDFusionAdapter, dm):
+        self.adapter, self.dm = adapter, dm
+        self.layers = {(l.key[0], l.key[1]): l for l in adapter.layers}
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, func, *args, **kwargs):
+        to = kwargs.get("transformer_options") or {}
+        st = to.get(TRAIN_KEY)
+        layer = self.layers.get((to.get("block_type"), to.get("block_index"))) if st else None
+        if layer is None or len(args) != 4 or not kwargs.get("skip_reshape"):
+            return func(*args, **kwargs)
+        from comfy.ldm.flux.math import apply_rope1
+        q, k, v, heads = args                                   # (b, heads, N, dh), RoPE applied
+        b, nq, dh = q.shape[0], q.shape[2], q.shape[3]
+        wk, wv = (w.to(q.dtype) for w in self.adapter.weights(layer))
+        K_f, V_f = fusion.project(st["h_f"][layer.key].to(q.dtype), wk, wv)        # (b, N_f, D), Eq. 2
+        K_f = key_norm(self.dm, layer)(K_f.reshape(b, -1, heads, dh).transpose(1, 2)).to(q.dtype)
+        K_f = apply_rope1(K_f, st["pe"][layer.key])
+        V_f = V_f.reshape(b, -1, heads, dh).transpose(1, 2)
+        K, V = torch.cat([k, K_f], dim=2), torch.cat([v, V_f], dim=2)              # Eq. 3
+        mask = None
+        keep = st["keep"]
+        if not bool(keep.all()):                                # dropped rows: the identity keys are masked out
+            mask = torch.zeros(b, 1, 1, K.shape[2], dtype=q.dtype, device=q.device)
+            mask[~keep, :, :, k.shape[2]:] = float("-inf")
+        i0 = nq - st["image"]                                   # queries: [txt | image] (no ReferenceLatent in training)
+        out_img = func(q[:, :, i0:], K, V, heads, **dict(kwargs, mask=mask))
+        if i0 == 0:
+            return out_img
+        out_txt = func(q[:, :, :i0], k, v, heads, **kwargs)
+        return torch.cat([out_txt, out_img], dim=2 if kwargs.get("skip_output_reshape") else 1)
+
+
+class TrainOptions:
+    """The glue's training forward: per call, the transformer_options that fuse each row's h_f (TrainAttention)."""
+
+    def __init__(self, adapter: IDFusionAdapter, base_model, pooled: set):
+        self.dm = base_model.diffusion_model
+        self.attention, self.pooled = TrainAttention(adapter, self.dm), set(pooled)
+        self.layers = adapter.layers
+
+    def __call__(self, h_f: dict, keep: torch.Tensor, x_t: torch.Tensor, ref_hw) -> dict:
+        dm = self.dm
+        pe = {}
+        for pooled in {l.key in self.pooled for l in self.layers}:  # Flux's blocks share one width: one or two grids
+            ids = reference_positions([ref_hw], dm.patch_size, len(dm.params.axes_dim), pooled, x_t.device)
+            pe[pooled] = dm.pe_embedder(ids[None])
+        h, w = token_grid(x_t.shape[-2:], dm.patch_size)
+        return {OVERRIDE: self.attention,
+                TRAIN_KEY: {"h_f": h_f, "keep": keep, "image": h * w,
+                            "pe": {l.key: pe[l.key in self.pooled] for l in self.layers}}}
+
+
+def train_options(adapter: IDFusionAdapter, base_model, pooled: set) -> TrainOptions:
+    return TrainOptions(adapter, base_model, pooled)
+
+
+def _copies_inputs_it_updates(forward):
+    """Flux's blocks add into their input in place (img += ..., x += ...) after their LayerNorm saved it for
+    backward, which autograd refuses ('modified by an inplace operation'). While one block runs with autograd on, a
+    saved tensor that shares storage with the block's input is saved as a copy, so backward sees the value the norm
+    read. Recomputing the block in backward (gradient checkpointing) is not offered: the recompute's saved tensors are
+    updated in place the same way and gave a wrong gradient (-3.16 for -3.47 by finite differences, float64)."""
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        # the stream(s) the block updates: double blocks take img= and txt=, single blocks their input first
+        updated = [kwargs.get("img"), kwargs.get("txt"), args[0] if args else kwargs.get("x")]
+        inputs = {t.untyped_storage().data_ptr() for t in updated if torch.is_tensor(t)}
+
+        def pack(t):
+            return t.clone() if t.untyped_storage().data_ptr() in inputs else t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            return forward(*args, **kwargs)
+    return run
+
+
+def trainable(model_patcher, gradient_checkpointing: bool = False):
+    """A clone whose blocks can be back-propagated through (_copies_inputs_it_updates), set through ModelPatcher
+    object patches so the model is restored when it is unpatched. gradient_checkpointing is not available on Flux
+    (see _copies_inputs_it_updates): activations are kept."""
+    from comfy.ldm.flux.layers import DoubleStreamBlock, SingleStreamBlock
+    if gradient_checkpointing:
+        log.info("IDFusion training on Flux: gradient checkpointing is not available (Flux's blocks update their input "
+                 "in place); activations are kept.")
+    patched = model_patcher.clone()
+    for name, m in patched.model.diffusion_model.named_modules():
+        if isinstance(m, (DoubleStreamBlock, SingleStreamBlock)):
+            patched.add_object_patch(f"diffusion_model.{name}.forward",
+                                     _copies_inputs_it_updates(type(m).forward.__get__(m)))
+    return patched

@@ -1,9 +1,13 @@
-"""Training core for the adapter (paper section 4.1): only Linear_kf / Linear_vf train; UNet, VAE and text
-encoder are frozen. One core serves the ComfyUI training node (nodes/train_nodes.py) and the command line
-(scripts/train.py, which runs on CPU, one GPU, or many under torchrun with DDP).
+"""Training core for the adapter (paper section 4.1): only Linear_kf / Linear_vf train; the diffusion model, VAE and
+text encoder are frozen. One core serves the ComfyUI training node (nodes/train_nodes.py) and the command line
+(scripts/train.py, which runs on CPU, one GPU, or many under torchrun with DDP), for both model families: what
+differs per family (the reference pass, the fused attention of the training forward, the noise schedule's time
+axis, the target's extra inputs) comes from the family's glue (families.glue_for); the UNet's pieces are below
+(TrainPatch, checkpointed), the Flux DiT's in patch_flux.py.
 
-Objective: the model's own target (eps or v) on the target image, with the reference encoded exactly as at
-inference (identity.run_reference_pass, the encoding convention written into the adapter's metadata).
+Objective: the model's own target (eps, v, or a flow model's velocity) on the target image, with the reference
+encoded exactly as at inference (the glue's run_reference_pass, the encoding convention written into the adapter's
+metadata).
 Options: reference dropout, masked diffusion loss on the face (FaceSnap Eq. 3), class-guided denoising
 regularisation outside the face (Face2Diffusion Eqs. 5-7), cached or per-step reference encoding.
 
@@ -26,7 +30,6 @@ from torch import nn
 
 from . import fusion
 from .adapter import AdapterError, IDFusionAdapter, read_safetensors, save_safetensors_atomic
-from .identity import reference_sigma, run_reference_pass, text_condition
 
 log = logging.getLogger("IDFusion")
 STATE_FORMAT = "idfusion.train_state"
@@ -75,20 +78,42 @@ class TrainPatch:
         return fusion.masked_attention(q, K, V, extra["n_heads"], allow)
 
 
-class AdapterStep(nn.Module):
-    """The module DDP wraps: its only parameters are the adapter's; the frozen UNet is called inside, not
-    registered, so DDP synchronises exactly Linear_kf / Linear_vf."""
+def unet_train_options(adapter: IDFusionAdapter, base_model, pooled: set):
+    """The UNet glue's training forward: transformer_options with a TrainPatch at every attn2 layer."""
+    patches = {l.key: TrainPatch(adapter, l) for l in adapter.layers}
 
-    def __init__(self, adapter: IDFusionAdapter, base_model):
+    def options(h_f, keep, x_t, ref_hw):
+        return {"patches_replace": {"attn2": patches}, "idfusion_train": {"h_f": h_f, "keep": keep}}
+    return options
+
+
+def unet_train_sigma(model_sampling, t: torch.Tensor) -> torch.Tensor:
+    return model_sampling.sigma(t)   # discrete schedules: an integer timestep 0..999
+
+
+def unet_target_kwargs(base_model, ref_y, caption_y, batch: int, device) -> dict:
+    """SDXL-style ADM: the target gets the reference pass's y (zeros, or the empty prompt's); SD1.5 none."""
+    return {"y": ref_y.to(device).expand(batch, -1)} if ref_y is not None else {}
+
+
+def unet_trainable(model_patcher, gradient_checkpointing: bool = True):
+    return checkpointed(model_patcher) if gradient_checkpointing else model_patcher
+
+
+class AdapterStep(nn.Module):
+    """The module DDP wraps: its only parameters are the adapter's; the frozen model is called inside, not
+    registered, so DDP synchronises exactly Linear_kf / Linear_vf. `options` is the glue's training forward:
+    (h_f, keep, x_t, reference latent size) -> transformer_options."""
+
+    def __init__(self, adapter: IDFusionAdapter, base_model, options):
         super().__init__()
         self.adapter = adapter
         self._frozen = [base_model]
-        self._patches = {l.key: TrainPatch(adapter, l) for l in adapter.layers}
+        self._options = options
 
-    def forward(self, x_t, sigma, context, h_f, keep, y=None):
-        to = {"patches_replace": {"attn2": self._patches}, "idfusion_train": {"h_f": h_f, "keep": keep}}
-        kw = {"y": y} if y is not None else {}
-        return self._frozen[0].apply_model(x_t, sigma, c_crossattn=context, transformer_options=to, **kw)
+    def forward(self, x_t, sigma, context, h_f, keep, ref_hw, **extra):
+        to = self._options(h_f, keep, x_t, ref_hw)
+        return self._frozen[0].apply_model(x_t, sigma, c_crossattn=context, transformer_options=to, **extra)
 
 
 def checkpointed(model_patcher):
@@ -149,15 +174,24 @@ def _normal_weights(module: nn.Module) -> int:
 
 
 def _loss_weight(model_sampling, sigma):
-    """x0-space squared error times this equals the model's own loss: eps (1/sigma^2), v ((s^2+sd^2)/(s^2 sd^2)) or,
-    for a model that predicts x0 itself (the pack's synthetic_faces model), 1."""
+    """x0-space squared error times this equals the model's own loss, from the prediction type's calculate_denoised
+    (comfy/model_sampling.py), with x0_hat - x0 = c * (target - output):
+    - EPS: x0_hat = x_t - sigma * eps_hat, c = sigma: 1/sigma^2;
+    - V_PREDICTION (and EDM): c = sigma * sd / sqrt(sigma^2 + sd^2): (sigma^2 + sd^2) / (sigma^2 sd^2);
+    - CONST (flow models: Flux, SD3): x_t = sigma * noise + (1 - sigma) * x0 and x0_hat = x_t - sigma * v_hat, so
+      x0_hat - x0 = sigma * ((noise - x0) - v_hat): 1/sigma^2 gives the flow-matching velocity loss;
+    - X0 (the pack's synthetic_faces model predicts x0 itself): 1.
+    Any other prediction type is refused rather than trained with a wrong objective."""
     import comfy.model_sampling as ms
     sd = getattr(model_sampling, "sigma_data", 1.0)
     if isinstance(model_sampling, ms.X0):
         return torch.ones_like(sigma)
     if isinstance(model_sampling, ms.V_PREDICTION):
         return (sigma ** 2 + sd ** 2) / (sigma ** 2 * sd ** 2)
-    return 1.0 / sigma ** 2
+    if isinstance(model_sampling, (ms.EPS, ms.CONST)):
+        return 1.0 / sigma ** 2
+    raise AdapterError(f"IDFusion training does not know this model's prediction type ({type(model_sampling).__name__}); "
+                       f"it trains eps, v, x0 and flow (CONST) models.")
 
 
 def _row_generator(seed: int, step: int, row: int) -> torch.Generator:
@@ -175,17 +209,21 @@ class Trainer:
         if config.batch_size % self.world:
             raise ValueError(f"batch_size {config.batch_size} must be divisible by the {self.world} processes.")
         import comfy.model_management as mm
-        if config.gradient_checkpointing:
-            model_patcher = checkpointed(model_patcher)
-            self.model = model_patcher
+        from .families import glue_for
+        self.glue = glue = glue_for(model_patcher)
+        problem = glue.missing_hooks()
+        if problem:  # before anything is loaded or allocated
+            raise AdapterError(problem)
+        model_patcher = self.model = glue.trainable(model_patcher, config.gradient_checkpointing)
         mm.load_models_gpu([model_patcher])
         self.base = model_patcher.model
         self.device = model_patcher.load_device
         _normal_weights(self.base)
         for p in self.base.parameters():
             p.requires_grad_(False)
-        self.adapter = adapter or IDFusionAdapter.fresh(model_patcher, init=config.init, seed=config.seed,
-                                                        encoding=config.encoding_meta())
+        self.adapter = adapter or glue.fresh_adapter(model_patcher, init=config.init, seed=config.seed,
+                                                     encoding=config.encoding_meta())
+        glue.check_adapter(self.adapter, model_patcher)
         self.adapter.encoding = config.encoding_meta()
         self.adapter.to(self.device)
         if config.reference_tokens not in ("all", "pooled"):
@@ -194,7 +232,7 @@ class Trainer:
         narrowest = min(l.channels for l in self.adapter.layers)
         self._pooled = ({l.key for l in self.adapter.layers if l.channels == narrowest}
                         if config.reference_tokens == "pooled" else set())
-        self.step_module = AdapterStep(self.adapter, self.base)
+        self.step_module = AdapterStep(self.adapter, self.base, glue.train_options(self.adapter, self.base, self._pooled))
         self.ddp = self.step_module
         if self.world > 1:
             self.ddp = nn.parallel.DistributedDataParallel(self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -202,10 +240,11 @@ class Trainer:
         warm = max(config.warmup_steps, 0)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
         self.step, self.losses = 0, []
-        self.ref_context, self.ref_y, text = text_condition(model_patcher, clip if config.reference_text == "empty" else None)
+        self.ref_context, self.ref_y, text = glue.text_condition(model_patcher, clip if config.reference_text == "empty" else None)
         self._captions, self._latents = {}, {}
         self._perm = (-1, None)  # (epoch, permutation of the dataset) for _index
         self.ms = self.base.model_sampling
+        _loss_weight(self.ms, torch.ones(1))  # an unknown prediction type is refused here, not after a step
 
     # ---- files -------------------------------------------------------------------------------
     @property
@@ -288,6 +327,7 @@ class Trainer:
         b = self.cfg.batch_size // self.world
         rows = range(self.rank * b, (self.rank + 1) * b)
         out = {k: [] for k in ("x0", "ctx", "ref", "mask", "t", "noise", "ref_noise", "keep")}
+        pooled = []
         for r in rows:
             g = _row_generator(self.cfg.seed, step, r)
             i = self._index(step, r)
@@ -296,7 +336,9 @@ class Trainer:
                 self._latents[i] = self._encode(item["image"]).cpu()
             x0 = self._latents[i]
             out["x0"].append(x0)
-            out["ctx"].append(self._caption(item["caption"])[0])
+            ctx, pool = self._caption(item["caption"])
+            out["ctx"].append(ctx)
+            pooled.append(pool)
             out["ref"].append(self._encode(item["reference"]).cpu())
             m = item["mask"]
             out["mask"].append(F.interpolate(m[None, None], size=x0.shape[-2:], mode="area") if m is not None else torch.zeros(1, 1, *x0.shape[-2:]))
@@ -306,7 +348,10 @@ class Trainer:
             out["keep"].append(torch.rand(1, generator=g) >= self.cfg.reference_dropout)
         ctx_len = max(c.shape[1] for c in out["ctx"])
         out["ctx"] = [F.pad(c, (0, 0, 0, ctx_len - c.shape[1])) for c in out["ctx"]]
-        return {k: torch.cat(v).to(self.device) for k, v in out.items()}
+        batch = {k: torch.cat(v).to(self.device) for k, v in out.items()}
+        # the captions' pooled text (Flux's vector input); None when the text encoder gives none
+        batch["y"] = torch.cat([p[:1].float() for p in pooled]).to(self.device) if all(p is not None for p in pooled) else None
+        return batch
 
     # ---- one step ------------------------------------------------------------------------------
     def _autocast(self):
@@ -330,30 +375,32 @@ class Trainer:
     def train_step(self) -> float:
         _normal_weights(self.base)  # again: a reload onto the device (after the VAE ran) under inference mode makes new ones
         batch = self._batch(self.step)
-        sigma = self.ms.sigma(batch["t"]).to(self.device)
+        sigma = self.glue.train_sigma(self.ms, batch["t"]).to(self.device)
         x_t = self.ms.noise_scaling(sigma, batch["noise"], batch["x0"])
         if self.cfg.encoding == "per_step":
             ref_sigma = sigma
             x_ref = self.ms.noise_scaling(sigma, batch["ref_noise"], batch["ref"])
         else:
-            ref_sigma = reference_sigma(self.model, self.cfg.timestep).expand(x_t.shape[0]).to(self.device)
+            ref_sigma = self.glue.reference_sigma(self.model, self.cfg.timestep).expand(x_t.shape[0]).to(self.device)
             x_ref = batch["ref"]
-        y = None
-        if self.ref_y is not None:  # SDXL-style ADM: zeros/empty for the reference, same for the target
-            y = self.ref_y.to(self.device).expand(x_t.shape[0], -1)
+        b = x_t.shape[0]
+        y = self.ref_y.to(self.device).expand(b, -1) if self.ref_y is not None else None  # the reference pass's
         with torch.no_grad(), self._autocast():
-            h_f = self.token_budget(run_reference_pass(self.base, self.device, x_ref, ref_sigma, self.ref_context, y),
-                                    x_ref.shape[-2:])
+            h_f = self.token_budget(self.glue.run_reference_pass(self.base, self.device, x_ref, ref_sigma,
+                                                                 self.ref_context, y), x_ref.shape[-2:])
+        extra = self.glue.target_kwargs(self.base, self.ref_y, batch["y"], b, self.device)
         with self._autocast():
-            denoised = self.ddp(x_t, sigma, batch["ctx"], h_f, batch["keep"], y)
+            denoised = self.ddp(x_t, sigma, batch["ctx"], h_f, batch["keep"], tuple(x_ref.shape[-2:]), **extra)
         w = _loss_weight(self.ms, sigma).view(-1, 1, 1, 1)
         face = batch["mask"]
         err = (denoised.float() - batch["x0"]) ** 2 * w
         loss = (err * (1.0 + self.cfg.face_loss_weight * face)).mean()
         if self.cfg.cgdr_weight > 0:
-            cls_ctx = self._caption(self.cfg.class_prompt)[0].to(self.device).expand(x_t.shape[0], -1, -1)
+            cls_ctx, cls_pool = self._caption(self.cfg.class_prompt)
+            cls_ctx = cls_ctx.to(self.device).expand(b, -1, -1)
+            cls_y = cls_pool[:1].float().expand(b, -1) if cls_pool is not None else None
             with torch.no_grad(), self._autocast():
-                kw = {"y": y} if y is not None else {}
+                kw = self.glue.target_kwargs(self.base, self.ref_y, cls_y, b, self.device)
                 den_cls = self.base.apply_model(x_t, sigma, c_crossattn=cls_ctx, **kw).float()
             loss = loss + self.cfg.cgdr_weight * (((denoised.float() - den_cls) ** 2) * w * (1.0 - face)).mean()
         self.opt.zero_grad(set_to_none=True)

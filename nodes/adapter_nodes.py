@@ -25,7 +25,7 @@ class IDFusionNewAdapter:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The model the adapter is shaped for: one Linear_kf/Linear_vf pair per attn2 layer, read off this model."}),
+            "model": ("MODEL", {"tooltip": "The model the adapter is shaped for: one Linear_kf/Linear_vf pair per attn2 layer (UNet) or per double/single block (Flux DiT), read off this model."}),
             "init": (["zeros", "attn1", "random"], {"default": "attn1", "tooltip":
                      "zeros: identity keys add nothing until trained. attn1: copy each block's self-attention key/value "
                      "projections (a warm start). random: PyTorch's default init (only for testing the pipeline)."}),

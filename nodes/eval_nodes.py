@@ -8,7 +8,7 @@ import numpy as np
 from ..idfusion import faces as F
 from ..idfusion import metrics
 from ..idfusion.chart import fidelity_chart
-from .common import CATEGORY
+from .common import CATEGORY, check_inputs, require_inputs
 from .face_nodes import FACE_ANALYSIS, MAX_IDENTITIES, run, to_uint8
 from .previews import save_temp_png
 
@@ -140,7 +140,12 @@ class IDFusionFaceEvaluate:
     DESCRIPTION = ("Identity similarity (ArcFace cosine, distance = 1 - cos), copy-paste against an optional ground truth, "
                    "leakage and ID-Conf for several people, and face SSIM/PSNR against the reference.")
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, margin=None):
+        return check_inputs(cls, margin=margin)  # NaN passes ComfyUI's min/max check
+
     def evaluate(self, face_analysis, image, reference, size, margin, ground_truth=None, **more_refs):
+        require_inputs(type(self), size=size, margin=margin)  # linked values and Python callers
         fa = face_analysis
         ref_images = [("reference", reference)] + [(k, more_refs[k]) for k in sorted(more_refs) if more_refs[k] is not None]
         refs = []

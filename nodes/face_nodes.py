@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..idfusion import faces as F
-from .common import CATEGORY
+from .common import CATEGORY, check_inputs, require_inputs
 from .previews import region_legend, save_temp_png
 
 log = logging.getLogger("IDFusion")
@@ -80,7 +80,13 @@ class IDFusionFaceAnalysisLoader:
     DESCRIPTION = ("Loads face detection and ArcFace recognition from an insightface pack (antelopev2, buffalo_l) in "
                    "models/insightface, or the OpenCV Haar fallback (no downloads, no identity embedding).")
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, det_thresh=None):
+        # JSON NaN passes ComfyUI's own min/max check (every comparison with NaN is false): refuse it when queued
+        return check_inputs(cls, det_thresh=det_thresh)
+
     def load(self, model, provider, det_size, det_thresh):
+        require_inputs(type(self), det_size=det_size, det_thresh=det_thresh)  # linked values and Python callers
         if model == F.HAAR:
             return (run(F.load_haar),)
         return (run(F.load_insightface, model, face_roots(), provider, det_size, det_thresh),)
@@ -112,7 +118,12 @@ class IDFusionFaceCrop:
     CATEGORY = CATEGORY
     DESCRIPTION = "Finds the faces, picks one by order and index, and returns an aligned square crop for Encode Reference Face."
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, margin=None):
+        return check_inputs(cls, margin=margin)  # NaN passes ComfyUI's min/max check
+
     def crop(self, face_analysis, image, order, index, size, margin, no_face):
+        require_inputs(type(self), index=index, size=size, margin=margin)
         crops, boxes, previews, masks = [], [], [], []
         for n, rgb in enumerate(to_uint8(image)):
             faces = run(face_analysis.detect, rgb)
@@ -164,6 +175,10 @@ class IDFusionFaceMasks:
     DESCRIPTION = ("Region masks for multi-identity generation from the faces on a layout image (or from your masks). The node "
                    "shows the layout with each identity's region tinted in its colour.")
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, margin=None):
+        return check_inputs(cls, margin=margin)  # NaN passes ComfyUI's min/max check
+
     def masks_with_preview(self, image, identities, order, margin, feather, face_analysis=None, user_masks=None):
         """What ComfyUI calls: masks() plus the tinted layout as a temp PNG the frontend shows on the node."""
         masks, preview = self.masks(image, identities, order, margin, feather, face_analysis, user_masks)
@@ -173,6 +188,7 @@ class IDFusionFaceMasks:
                 "result": (masks, preview)}
 
     def masks(self, image, identities, order, margin, feather, face_analysis=None, user_masks=None):
+        require_inputs(type(self), identities=identities, margin=margin, feather=feather)
         rgb = to_uint8(image[:1])[0]
         h, w = rgb.shape[:2]
         if user_masks is not None:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as TF
 
 from ..idfusion import faces as F
-from .common import CATEGORY
+from .common import CATEGORY, check_inputs, require_inputs
 from .face_nodes import FACE_ANALYSIS, _INDEX, _ORDER, run, to_uint8
 
 log = logging.getLogger("IDFusion")
@@ -53,7 +53,13 @@ class IDFusionFaceCropForRepaint:
     DESCRIPTION = ("Stage 2 of face repaint: crops the chosen face with context, returns the crop, a repaint mask and "
                    "a stitch handle. Sample the crop with IDFusion Apply + Set Latent Noise Mask, then IDFusion Face Stitch.")
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, context=None, mask_margin=None):
+        # JSON NaN passes ComfyUI's own min/max check; context inf reached int() in the crop box as a raw OverflowError
+        return check_inputs(cls, context=context, mask_margin=mask_margin)
+
     def crop(self, face_analysis, image, order, index, context, size, mask_margin, feather, no_face):
+        require_inputs(type(self), index=index, context=context, size=size, mask_margin=mask_margin, feather=feather)
         if image.shape[0] != 1:
             raise ValueError(f"image must be a single image (batch of 1) for repaint, got a batch of {image.shape[0]}.")
         rgb = to_uint8(image)[0]

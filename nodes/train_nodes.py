@@ -39,7 +39,7 @@ class IDFusionTrainAdapter:
     def INPUT_TYPES(cls):
         d = TrainConfig()
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The base model (frozen). The adapter is shaped for it."}),
+            "model": ("MODEL", {"tooltip": "The base model (frozen): an SD1.5/SDXL-style UNet, or a Flux DiT (ComfyUI 0.3.75 or newer). The adapter is shaped for it."}),
             "clip": ("CLIP", {"tooltip": "Encodes the captions (frozen)."}),
             "vae": ("VAE", {"tooltip": "Encodes targets and references (frozen)."}),
             "dataset": (dataset_folders(), {"tooltip": f"A folder in ComfyUI/input/{DATASETS}/ (or the pack's example_synthetic_faces): images with .txt captions, "

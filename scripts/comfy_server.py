@@ -47,10 +47,52 @@ import uuid
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACK_NAME = "ComfyUI-IDFusion"
 LOG_NAME = "comfyui_server.log"
+# What the client reads from a server, at most: a server that claims or streams more is refused, not followed into an
+# unbounded allocation. Far above what ComfyUI sends (/object_info of a large install is tens of MB, a websocket
+# event a few KB, a preview JPEG well under 1 MB); a caller may change them on its client (ComfyClient.max_*).
+MAX_ANSWER_BYTES = 256 << 20   # one JSON answer (/object_info, /history, /queue, /prompt, ...)
+MAX_VIEW_BYTES = 1 << 30       # one output file through GET /view
+MAX_EVENT_BYTES = 64 << 20     # one websocket message, all its fragments together
+MAX_HANDSHAKE_BYTES = 64 << 10 # the websocket handshake's response headers
+_CHUNK = 1 << 20
 
 
 class ComfyServerError(RuntimeError):
     """The server did not start, rejected the prompt, or the prompt failed while executing."""
+
+
+class AnswerTooLarge(ComfyServerError):
+    """A server's answer is larger than the client's limit for it; nothing past the limit was read."""
+
+
+def _mb(n: int) -> str:
+    return f"{n / (1 << 20):g} MiB"
+
+
+def read_capped(response, limit: int, what: str, where: str, seconds: float | None = None) -> bytes:
+    """The body of an HTTP response (or HTTPError), at most `limit` bytes: refused before reading when Content-Length
+    says more, and after limit + 1 bytes when the server streams without one (or sends more than it said). With
+    `seconds`, the whole body must arrive within that time: the socket timeout bounds each read, not a server that
+    sends a byte just inside it forever (a TimeoutError, which callers already treat as a timed-out request)."""
+    deadline = None if seconds is None else time.monotonic() + seconds
+    hint = "a ComfyUI server does not send that much; check the URL (ComfyClient.max_* raise the limits)"
+    declared = response.headers.get("Content-Length") if getattr(response, "headers", None) is not None else None
+    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+        raise AnswerTooLarge(f"{where} answered {what} with {int(declared)} bytes, more than this client's limit of "
+                             f"{_mb(limit)}; not read ({hint}).")
+    read = getattr(response, "read1", None) or response.read   # read1: what one socket read brings, so the clock is seen
+    parts, size = [], 0
+    while size <= limit:
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"{where} sent {what} too slowly: {size} bytes in {seconds:.0f}s, the request's time "
+                               f"limit; stopped reading.")
+        chunk = read(min(_CHUNK, limit + 1 - size))
+        if not chunk:
+            return b"".join(parts)
+        parts.append(chunk)
+        size += len(chunk)
+    raise AnswerTooLarge(f"{where} answered {what} with more than this client's limit of {_mb(limit)}; stopped reading "
+                         f"there ({hint}).")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -103,6 +145,8 @@ class ComfyClient:
         if self._url and urllib.parse.urlsplit(self._url).scheme not in ("http", "https"):
             raise ComfyServerError(f"ComfyUI server URL '{url}' must start with http:// or https://, e.g. http://127.0.0.1:8188.")
         self.client_id = uuid.uuid4().hex
+        # the most this client reads of one answer, one output file, one websocket message (module constants above)
+        self.max_answer_bytes, self.max_view_bytes, self.max_event_bytes = MAX_ANSWER_BYTES, MAX_VIEW_BYTES, MAX_EVENT_BYTES
 
     @property
     def url(self) -> str:
@@ -120,15 +164,28 @@ class ComfyClient:
 
     # ---- HTTP --------------------------------------------------------------------------------------
     def _http(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None,
-              timeout: float = 30.0) -> bytes:
+              timeout: float = 30.0, limit: int | None = None) -> bytes:
+        """The answer's body, at most `limit` bytes (default: max_answer_bytes); AnswerTooLarge past it."""
         req = urllib.request.Request(self.url + path, data=body, method=method,
                                      headers={"Content-Type": content_type} if content_type else {})
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.read()
+            return read_capped(r, self.max_answer_bytes if limit is None else limit, f"{method} {path[:200]}", self.url,
+                               seconds=timeout)
+
+    def _error_text(self, e: urllib.error.HTTPError, limit: int = 1 << 20) -> str:
+        """An error answer's body, for the message; a huge one is cut, never read whole."""
+        try:
+            return read_capped(e, limit, f"HTTP {e.code}", self.url).decode(errors="replace")
+        except AnswerTooLarge as too_large:
+            return str(too_large)
 
     def _request(self, method: str, path: str, data=None, timeout: float = 30.0):
         body = json.dumps(data).encode() if data is not None else None
-        return json.loads(self._http(method, path, body, "application/json" if body else None, timeout).decode() or "null")
+        text = self._http(method, path, body, "application/json" if body else None, timeout).decode() or "null"
+        try:
+            return json.loads(text)
+        except RecursionError:  # '[[[[...' nested 100000 deep: as unreadable as any other answer that is not JSON
+            raise ValueError(f"{self.url} answered {method} {path[:200]} with JSON nested too deep to read") from None
 
     def get_json(self, path: str, timeout: float = 30.0):
         return self._request("GET", path, timeout=timeout)
@@ -161,18 +218,20 @@ class ComfyClient:
         try:
             info = json.loads(self._http("POST", "/upload/image", body, f"multipart/form-data; boundary={boundary}", 120))
         except urllib.error.HTTPError as e:
-            raise ComfyServerError(f"Uploading {path} failed with HTTP {e.code}: {e.read().decode(errors='replace')[:500]}") from None
+            raise ComfyServerError(f"Uploading {path} failed with HTTP {e.code}: {self._error_text(e)[:500]}") from None
         # a server's answer of another shape is this upload's error, not a KeyError in the caller
         if not isinstance(info, dict) or not isinstance(info.get("name"), str) or not info["name"] \
                 or not isinstance(info.get("subfolder") or "", str):
             raise ComfyServerError(f"{self.url} answered the upload of {path} without a file name: {str(info)[:200]}")
         return f"{info['subfolder']}/{info['name']}" if info.get("subfolder") else info["name"]
 
-    def view(self, image: dict, timeout: float = 120.0) -> bytes:
-        """The bytes of an image listed in a history entry ({filename, subfolder, type}), from GET /view."""
+    def view(self, image: dict, timeout: float = 120.0, max_bytes: int | None = None) -> bytes:
+        """The bytes of an image listed in a history entry ({filename, subfolder, type}), from GET /view; at most
+        `max_bytes` (default: max_view_bytes), AnswerTooLarge past it."""
         query = urllib.parse.urlencode({"filename": image["filename"], "subfolder": image.get("subfolder") or "",
                                         "type": image.get("type") or "output"})
-        return self._http("GET", "/view?" + query, timeout=timeout)
+        return self._http("GET", "/view?" + query, timeout=timeout,
+                          limit=self.max_view_bytes if max_bytes is None else max_bytes)
 
     def queue(self, prompt: dict, prompt_id: str | None = None) -> str:
         """POST /prompt; returns the prompt id. Validation errors raise with the server's message. `prompt_id`: choose
@@ -183,7 +242,7 @@ class ComfyClient:
         try:
             r = self.post_json("/prompt", body)
         except urllib.error.HTTPError as e:
-            text = e.read().decode(errors="replace")
+            text = self._error_text(e)
             try:
                 err = json.loads(text)
             except ValueError:
@@ -255,7 +314,7 @@ class ComfyClient:
     def events(self, timeout: float = 10.0) -> "EventStream":
         """The server's websocket (/ws) for this client id: status, execution_start, executing, progress,
         executed, execution_success / execution_error / execution_interrupted of the prompts it queued."""
-        return EventStream(self.url, self.client_id, timeout)
+        return EventStream(self.url, self.client_id, timeout, max_message=self.max_event_bytes)
 
     @staticmethod
     def output_files(entry: dict, types=("output",)) -> list[tuple[str, dict]]:
@@ -284,11 +343,13 @@ class ComfyClient:
 class EventStream:
     """A minimal websocket client (RFC 6455, standard library) for ComfyUI's /ws?clientId=...: text frames are the
     server's JSON events, binary ones (previews) are skipped; pings are answered. recv() returns (type, data), None
-    when nothing came within the timeout, and raises ConnectionError once the server closed or vanished."""
+    when nothing came within the timeout, and raises ConnectionError once the server closed or vanished, or sent a
+    message larger than `max_message` bytes (the socket is closed then: the rest of that message is never read)."""
 
     GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
-    def __init__(self, url: str, client_id: str, timeout: float = 10.0):
+    def __init__(self, url: str, client_id: str, timeout: float = 10.0, max_message: int = MAX_EVENT_BYTES):
+        self.url, self.max_message = url, max_message
         parts = urllib.parse.urlsplit(url)
         secure = parts.scheme == "https"
         host, port = parts.hostname or "127.0.0.1", parts.port or (443 if secure else 80)
@@ -301,6 +362,10 @@ class EventStream:
         sock.sendall((f"GET {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                       f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
         while b"\r\n\r\n" not in self._buf:
+            if len(self._buf) > MAX_HANDSHAKE_BYTES:
+                sock.close()
+                raise ConnectionError(f"{url}/ws sent more than {MAX_HANDSHAKE_BYTES} bytes of handshake headers; "
+                                      f"not a ComfyUI websocket")
             chunk = sock.recv(4096)
             if not chunk:
                 sock.close()
@@ -328,6 +393,11 @@ class EventStream:
             if len(b) < 10:
                 return None
             n, i = int.from_bytes(b[2:10], "big"), 10
+        held = sum(len(p) for _, p in self._frags) if b[0] & 0x0F in (0, 1, 2) else 0
+        if n + held > self.max_message:  # refused on its header: the payload is never buffered
+            self._fail(f"{self.url}/ws sent a message of {n + held} bytes{' (with its earlier fragments)' if held else ''}"
+                       f", more than this client's limit of {_mb(self.max_message)} (EventStream max_message); "
+                       f"a ComfyUI server's events are a few KB")
         mask = None
         if b[1] & 0x80:  # servers do not mask, but the format allows it
             if len(b) < i + 4:
@@ -339,6 +409,15 @@ class EventStream:
         if mask:
             payload = bytes(c ^ mask[k % 4] for k, c in enumerate(payload))
         return b[0] & 0x0F, bool(b[0] & 0x80), payload
+
+    def _fail(self, message: str):
+        """Close the socket and raise: the rest of the stream cannot be framed any more."""
+        self._closed = True
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+        raise ConnectionError(message)
 
     def _send(self, opcode: int, payload: bytes = b""):
         mask = os.urandom(4)  # a client must mask every frame it sends
@@ -387,7 +466,7 @@ class EventStream:
                 if first == 1:  # text: {"type": ..., "data": ...}
                     try:
                         msg = json.loads(data.decode("utf-8"))
-                    except ValueError:
+                    except (ValueError, RecursionError):  # not JSON, or nested too deep: not an event
                         continue
                     if isinstance(msg, dict) and "type" in msg:
                         return msg["type"], msg.get("data") or {}

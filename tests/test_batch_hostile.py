@@ -2,11 +2,17 @@
 but answers with node ids like ../../X or absolute paths, upload answers without a name, history entries of the wrong
 shape, a /prompt answer without prompt_id. The runner (batch.main, Runner, Worker, the one HTTP client comfy_server)
 is the real one; only the server around it is made up. Issue 18: the runner writes only under --out, a job's bad
-value or a server's odd answer fails that job and never takes the server out, every job ends in the manifest."""
+value or a server's odd answer fails that job and never takes the server out, every job ends in the manifest. The
+client (comfy_server) reads at most its limits of a /view body or a websocket message, whatever the server claims
+or streams."""
+import base64
+import hashlib
 import io
 import json
 import os
 import threading
+import time
+import urllib.parse
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -31,13 +37,19 @@ OBJECT_INFO = {
 }
 
 
+DEEP = b"[" * 100_000 + b"]" * 100_000
+STREAM_CEILING = 64 << 20  # the most an endless /view body or websocket stream sends before the server gives up
+
+
 class Hostile(ThreadingHTTPServer):
-    """Finishes every prompt at once; what it answers for a prompt depends on its blur radius (`answers`)."""
+    """Finishes every prompt at once; what it answers for a prompt depends on its blur radius (`answers`). /view of
+    'claims_huge.png' announces a terabyte, of 'endless.png' streams without a length; /ws answers as `ws` says."""
     daemon_threads = True
 
     def __init__(self, answers):
         super().__init__(("127.0.0.1", 0), Handler)
         self.answers, self.prompts, self.uploads = answers, {}, []
+        self.ws, self.sent = None, {}  # sent: bytes each endless stream had sent when the client hung up
 
     @property
     def url(self):
@@ -71,8 +83,60 @@ class Handler(BaseHTTPRequestHandler):
             answer = srv.answers(prompt["3"]["inputs"]["blur_radius"])
             return self.reply(answer if not isinstance(answer, dict) or "outputs" not in answer else {pid: answer})
         if path == "/view":
+            name = urllib.parse.parse_qs(self.path.partition("?")[2]).get("filename", [""])[0]
+            if name == "claims_huge.png":
+                self.send_response(200)
+                self.send_header("Content-Length", str(10 ** 12))
+                self.end_headers()
+                return self.endless("view", b"\0" * 65536)
+            if name == "endless.png":
+                self.send_response(200)  # HTTP/1.0 without Content-Length: the body runs until the server closes
+                self.end_headers()
+                return self.endless("view", b"\0" * 65536)
             return self.reply(PNG, raw=True)
+        if path == "/deep":
+            return self.reply(DEEP, raw=True)
+        if path == "/drip":   # a byte every 0.2 s: each read is inside any socket timeout, the whole never ends
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            return self.endless("drip", b" ", ceiling=1000, seconds=20.0, pause=0.2)
+        if path == "/ws" and srv.ws:
+            return self.websocket(srv.ws)
         return self.reply({"error": "not here"}, 404)
+
+    def endless(self, key, chunk, ceiling=STREAM_CEILING, seconds=20.0, pause=0.0):
+        sent, stop = 0, time.monotonic() + seconds
+        try:
+            while sent < ceiling and time.monotonic() < stop:
+                self.wfile.write(chunk)
+                self.wfile.flush()
+                sent += len(chunk)
+                time.sleep(pause)
+        except OSError:  # the client hung up
+            pass
+        self.server.sent[key] = sent
+
+    @staticmethod
+    def ws_frame(opcode, payload=b"", fin=True, declared=None):
+        n = len(payload) if declared is None else declared
+        size = bytes([n]) if n < 126 else bytes([126]) + n.to_bytes(2, "big") if n < 65536 else bytes([127]) + n.to_bytes(8, "big")
+        return bytes([(0x80 if fin else 0) | opcode]) + size + payload
+
+    def websocket(self, mode):
+        key = self.headers["Sec-WebSocket-Key"]
+        accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
+        self.wfile.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+        self.wfile.write(self.ws_frame(1, json.dumps({"type": "status", "data": {"ok": 1}}).encode()))
+        if mode == "deep event":  # JSON nested 100000 deep, then an event
+            self.wfile.write(self.ws_frame(1, DEEP) + self.ws_frame(1, json.dumps({"type": "next", "data": {}}).encode()))
+            return time.sleep(2)
+        if mode == "huge frame":  # a text frame that says it is 2**40 bytes long
+            self.wfile.write(self.ws_frame(1, b"", declared=1 << 40))
+            return self.endless("ws", b"x" * 65536)
+        if mode == "endless fragments":  # a text message that never ends: 64 KiB fragments, none final
+            return self.endless("ws", self.ws_frame(1, b"[" * 65536, fin=False) + self.ws_frame(0, b"[" * 65536, fin=False))
 
     def do_POST(self):
         srv = self.server
@@ -258,3 +322,92 @@ def test_with_no_server_left_every_job_still_ends_in_the_manifest(tmp_path):
     assert [(r["job"], r["status"]) for r in recs] == [("j1", "not_run"), ("j2", "not_run")]
     assert "connection refused" in recs[0]["error"]
     assert batch.Manifest(str(tmp_path / "manifest.jsonl")).find(jobs[0])["status"] == "not_run"
+
+
+# ---- the one HTTP client's limits: whatever a server claims or streams, the client reads a bounded amount ----------
+@pytest.mark.parametrize("hostile", [lambda r: saved("4")], indirect=True)
+@pytest.mark.parametrize("name", ["claims_huge.png", "endless.png"])
+def test_view_reads_at_most_its_limit_and_names_the_server(hostile, name):
+    """GET /view read the whole body: a server that announces a terabyte, or streams without a length, made the client
+    allocate until memory ran out. Now the announced length is refused before reading, a stream is cut at the limit."""
+    client = comfy_server.ComfyClient(hostile.url)
+    client.max_view_bytes = 4 << 20
+    start = time.monotonic()
+    with pytest.raises(comfy_server.AnswerTooLarge) as e:
+        client.view({"filename": name, "type": "output"})
+    msg = str(e.value)
+    assert hostile.url in msg and "4 MiB" in msg and "GET /view" in msg, msg
+    assert time.monotonic() - start < 10, "it read for seconds: not refused at the limit"
+    time.sleep(0.5)  # the server notices the hang-up
+    assert hostile.sent.get("view", 0) < STREAM_CEILING, hostile.sent  # it stopped reading long before the end
+    assert client.view({"filename": "x_00001_.png", "type": "output"}) == PNG  # a file under the limit still comes
+
+
+@pytest.mark.parametrize("hostile", [lambda r: saved("4")], indirect=True)
+def test_a_server_that_drips_its_answer_is_a_timeout_not_a_hang(hostile):
+    """Each socket read has a timeout, but a server that sends one byte just inside it kept the client reading for as
+    long as it liked. Now the whole answer must arrive within the request's timeout."""
+    client = comfy_server.ComfyClient(hostile.url)
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match="too slowly"):
+        client.get_json("/drip", timeout=1.0)
+    assert time.monotonic() - start < 5, "it kept reading the dripping answer"
+    assert client.get_json("/system_stats") == {"system": {}}   # an ordinary answer still comes
+
+
+def test_the_default_limits_are_far_above_what_comfyui_sends():
+    client = comfy_server.ComfyClient("http://127.0.0.1:1")
+    assert client.max_view_bytes == 1 << 30 and client.max_answer_bytes == 256 << 20 and client.max_event_bytes == 64 << 20
+
+
+@pytest.mark.parametrize("hostile", [lambda r: saved("4", "claims_huge.png") if r == 2 else saved("4")], indirect=True)
+def test_an_output_file_over_the_limit_fails_its_job_and_the_server_stays(hostile, tmp_path, capsys):
+    """The batch runner fetches outputs through the same client: a job whose output is announced at a terabyte fails
+    with the limit in its error (nothing written), the other jobs on the same, only server are done."""
+    rows = [{"id": f"j{r}", "reference.image": face(tmp_path), "case.blur_radius": r} for r in (1, 2, 3)]
+    rc, err, recs = run_table(hostile, tmp_path, rows, capsys)
+    assert "is down" not in err and "no server left" not in err, err
+    assert {k: r["status"] for k, r in recs.items()} == {"j1": "done", "j2": "failed", "j3": "done"}, (rc, err, recs)
+    assert "more than this client's limit of 1024 MiB" in recs["j2"]["error"] and hostile.url in recs["j2"]["error"]
+    assert not (tmp_path / "out" / "j2").exists() or not os.listdir(tmp_path / "out" / "j2")
+
+
+@pytest.mark.parametrize("hostile", [lambda r: saved("4")], indirect=True)
+@pytest.mark.parametrize("mode", ["huge frame", "endless fragments"])
+def test_a_websocket_message_over_the_limit_is_refused_on_its_header(hostile, mode):
+    """The websocket client buffered a frame until it was complete, whatever length its header said, and joined
+    fragments without end. Now: the first event still arrives; then a ConnectionError naming the server and the limit
+    (what the batch runner's workers already handle: they close the socket and poll), within a second."""
+    hostile.ws = mode
+    stream = comfy_server.ComfyClient(hostile.url).events()
+    stream.max_message = 1 << 20
+    try:
+        assert stream.recv(timeout=5) == ("status", {"ok": 1})
+        start = time.monotonic()
+        with pytest.raises(ConnectionError) as e:
+            stream.recv(timeout=10)
+        assert time.monotonic() - start < 5
+    finally:
+        stream.close()
+    msg = str(e.value)
+    assert hostile.url in msg and "1 MiB" in msg, msg
+    time.sleep(0.5)
+    assert hostile.sent.get("ws", 0) < STREAM_CEILING, hostile.sent
+
+
+
+@pytest.mark.parametrize("hostile", [lambda r: saved("4")], indirect=True)
+def test_json_nested_too_deep_is_an_unreadable_answer_not_a_recursion_error(hostile):
+    """json.loads raises RecursionError, which no caller expected: recv() let it out of the batch runner's event pump
+    (which handles ConnectionError), and an answer's RecursionError was not the ValueError that callers take as 'not
+    JSON'. Now a deep websocket message is skipped like any non-event, and a deep answer is a ValueError."""
+    client = comfy_server.ComfyClient(hostile.url)
+    with pytest.raises(ValueError, match="nested too deep"):
+        client.get_json("/deep")
+    hostile.ws = "deep event"
+    stream = client.events()
+    try:
+        assert stream.recv(timeout=5) == ("status", {"ok": 1})
+        assert stream.recv(timeout=5) == ("next", {})
+    finally:
+        stream.close()

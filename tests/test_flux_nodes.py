@@ -135,10 +135,15 @@ def test_old_comfyui_says_which_version_flux_needs(vae):
         apply_nodes.IDFusionApply().apply(flux, adapter, ident, **COMMON)
 
 
-def test_encode_refuses_a_reference_beyond_the_pass_bound_like_the_unet_path(flux, vae):
+def test_encode_refuses_a_reference_beyond_the_pass_bound_like_the_unet_path(flux, vae, monkeypatch):
     """A Flux reference above 1024 px (a latent of more than 128x128 positions) is refused at Encode, as on the UNet
-    families, so every identity Encode makes can be saved and loaded again (issue 18's bound)."""
+    families, so every identity Encode makes can be saved and loaded again (issue 18's bound); and refused from the
+    image size, before the VAE encodes (and allocates) anything."""
     if not HOOKS:
         pytest.skip("this host has no Flux path")
+
+    def encode(*args, **kwargs):
+        raise AssertionError("the VAE encoded an oversized reference before it was refused")
+    monkeypatch.setattr(vae, "encode", encode)   # the real VAE, told to fail if it is asked to encode
     with torch.inference_mode(), pytest.raises(AdapterError, match=r"more than the 16384 positions \(128x128\)"):
         patch_flux.encode_identity(flux, vae, images(1, size=1040), name="big")

@@ -3,6 +3,7 @@ crafted files, shared compact identities at Apply, a reference pass bounded in s
 non-finite and absurd Apply / Train inputs, and training images of every Pillow mode with skipped files reported on
 the node. The same surfaces through a real server are in tests/test_hostile_server.py. Nodes run under
 torch.inference_mode(), as ComfyUI runs them."""
+import contextlib
 import json
 import struct
 import threading
@@ -191,15 +192,41 @@ def test_a_compact_identity_beyond_the_reference_pass_bound_is_refused_at_load(c
     assert _load_damaged(idfusion_dir, at_bound, meta, "latent128.safetensors").latents[0].shape[-1] == 128
 
 
+@contextlib.contextmanager
+def interrupt_set():
+    """ComfyUI's interrupt flag (Cancel) set beforehand: the bound must refuse before anything runs. Were the bound
+    gone or raised, the reference pass would start and raise InterruptProcessingException at its first layer, so the
+    test fails at once instead of running a pass for minutes."""
+    import comfy.model_management as mm
+    mm.interrupt_current_processing(True)
+    try:
+        yield
+    finally:
+        mm.interrupt_current_processing(False)
+
+
 def test_encode_reference_refuses_an_image_beyond_the_bound_so_every_saved_identity_loads():
+    """Refused from the image size and the VAE's downscale_ratio, before the VAE encodes it."""
     import os
     from conftest import ROOT
     from idfusion_pack.idfusion import synthetic
     patcher, clip, codec, _ = synthetic.load(os.path.join(ROOT, "models", "synthetic_faces.safetensors"))
     side = 8 * 129  # a 129x129 latent with the model's codec (8 px per latent position)
-    with pytest.raises(AdapterError, match=r"1032x1032 px.*16384 positions"):
+    with interrupt_set(), pytest.raises(AdapterError, match=r"1032x1032 px, a 129x129 latent.*16384 positions"):
         node("IDFusionEncodeReference", patcher, codec, torch.zeros(1, side, side, 3), 0, "big")
     assert MAX_LATENT_TOKENS == 128 * 128
+
+
+def test_apply_refuses_an_identity_beyond_the_bound_before_its_reference_pass(model, adapter):
+    """An identity that never went through the file loader's bound (built in Python, or by another pack's node) with a
+    129x129 latent: Apply refuses it before its reference pass (check_reference_pass). Without that check nothing
+    else stops it: removing it was not seen by any test before (issue 18, round three)."""
+    from helpers import random_identity
+    ident = random_identity(model)
+    ident.h_f, ident.latents = [None], [torch.zeros(1, 4, 129, 129)]
+    with interrupt_set():
+        msg = _apply_error(model, adapter, ident)
+    assert "129x129" in msg and "more than the 16384 positions" in msg, msg
 
 
 def test_a_large_reference_pass_in_query_chunks_records_the_same_h_f(model):
@@ -278,6 +305,34 @@ def test_apply_refuses_non_finite_and_absurd_numbers_naming_the_input(case, mode
     with pytest.raises(ValueError, match=message):  # the Multi-Identity node shares the checks
         node("IDFusionApplyMultiIdentity", model, adapter, torch.ones(1, 8, 8), identity_1=ident, **args)
     assert model.model_options.get("transformer_options", {}) == before
+
+
+FACE_RUNS = {  # node -> (FUNCTION's arguments after face_analysis/image, the bad input); run with linked values
+    "IDFusionFaceCrop": (dict(order="largest", index=0, size=64, margin=NAN, no_face="error"), "margin is nan"),
+    "IDFusionFaceMasks": (dict(identities=1, order="largest", margin=NAN, feather=8), "margin is nan"),
+    "IDFusionFaceCropForRepaint": (dict(order="largest", index=0, context=INF, size=64, mask_margin=0.15, feather=16,
+                                        no_face="error"), "context is inf"),
+    "IDFusionFaceEvaluate": (dict(size=64, margin=NAN), "margin is nan"),
+}
+
+
+@pytest.mark.parametrize("name", FACE_RUNS)
+def test_face_nodes_refuse_a_linked_nan_when_they_run(name):
+    """A linked value (a math node's output) reaches the node without VALIDATE_INPUTS: the node checks again when it
+    runs. Without that check (tried): Face Crop and Face Evaluate ran on with margin NaN and raised nothing, Face
+    Masks raised a raw 'cannot convert float NaN to integer', the repaint crop a raw OverflowError for context inf.
+    Through a server: tests/test_hostile_server.py."""
+    from skimage import data
+    from idfusion_pack.idfusion import faces as F
+    img = torch.from_numpy(data.astronaut().astype(np.float32) / 255.0)[None]
+    kwargs, message = FACE_RUNS[name]
+    haar = F.load_haar()
+    args = {"IDFusionFaceMasks": (img,), "IDFusionFaceEvaluate": (haar, img, img)}.get(name, (haar, img))
+    if name == "IDFusionFaceMasks":
+        kwargs = {**kwargs, "face_analysis": haar}
+    with pytest.raises(ValueError, match=message):
+        node(name, *args, **kwargs)
+    assert NODES[name].VALIDATE_INPUTS() is True  # linked inputs are not given at validation time
 
 
 def test_validate_inputs_refuses_nan_before_the_prompt_runs_and_accepts_the_pooled_alias():

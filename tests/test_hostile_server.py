@@ -1,7 +1,8 @@
 """Hostile input through a REAL ComfyUI server (main.py --cpu), over HTTP, as the page and API users meet it (issue 18):
 GET /idfusion/file_info answers JSON for crafted files, JSON NaN in an Apply input is refused when the prompt is
-queued, the 'pooled' alias passes validation, and POST /interrupt stops a long reference pass inside Apply. The pack's
-synthetic faces model (models/) keeps it small. One server for the module."""
+queued (in the Apply nodes and in the face, repaint and evaluate nodes), the 'pooled' alias passes validation, and
+POST /interrupt stops a long reference pass inside Apply. The pack's synthetic faces model (models/) keeps it small.
+One server for the module."""
 import json
 import os
 import struct
@@ -51,6 +52,10 @@ def server(tmp_path_factory):
     _header_file(folder / "identities" / "refs_superscript.safetensors", {"__metadata__": {
         "format": "idfusion.identity", "format_version": "2", "references": "²", "layers": "[]", "encoding": "{}"}})
     _big_identity(folder / "identities" / "big.safetensors")
+    from PIL import Image
+    from skimage import data
+    (base / "input").mkdir()
+    Image.fromarray(data.astronaut()).save(base / "input" / ASTRONAUT)  # a face OpenCV's Haar cascade finds
     with running_server(base) as srv:
         yield srv
 
@@ -116,6 +121,65 @@ def test_a_json_nan_in_an_apply_input_is_refused_when_the_prompt_is_queued(serve
         server.queue(prompt)
     msg = str(e.value)
     assert field in msg and "not a finite number" in msg, msg
+
+
+ASTRONAUT = "h18_astronaut.png"
+
+
+def face_workflow(**change):
+    """Every face node with a FLOAT input, on the Haar fallback (no model files): Load Face Analysis, Face Crop, Face
+    Masks, Face Crop For Repaint, Face Evaluate. `change`: {"<node id>.<input>": value}."""
+    fa, img = ["1", 0], ["2", 0]
+    prompt = {
+        "1": {"class_type": "IDFusionFaceAnalysisLoader", "inputs": {"model": "opencv haar (no identity)", "provider": "CPU",
+                                                                     "det_size": 640, "det_thresh": 0.5}},
+        "2": {"class_type": "LoadImage", "inputs": {"image": ASTRONAUT}},
+        "3": {"class_type": "IDFusionFaceCrop", "inputs": {"face_analysis": fa, "image": img, "order": "largest", "index": 0,
+                                                           "size": 64, "margin": 0.6, "no_face": "error"}},
+        "4": {"class_type": "IDFusionFaceMasks", "inputs": {"image": img, "identities": 1, "order": "largest", "margin": 0.3,
+                                                            "feather": 8, "face_analysis": fa}},
+        "5": {"class_type": "IDFusionFaceCropForRepaint", "inputs": {
+            "face_analysis": fa, "image": img, "order": "largest", "index": 0, "context": 2.0, "size": 64,
+            "mask_margin": 0.15, "feather": 16, "no_face": "error"}},
+        "6": {"class_type": "IDFusionFaceEvaluate", "inputs": {"face_analysis": fa, "image": img, "reference": img,
+                                                               "size": 64, "margin": 0.0}},
+        "7": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}},
+        "8": {"class_type": "PreviewImage", "inputs": {"images": ["4", 1]}},
+        "9": {"class_type": "PreviewImage", "inputs": {"images": ["5", 0]}},
+    }
+    for key, value in change.items():
+        nid, name = key.split(".")
+        prompt[nid]["inputs"][name] = value
+    return prompt
+
+
+NAN, INF = float("nan"), float("inf")
+FACE_CASES = {"det_thresh NaN": ("1.det_thresh", NAN), "crop margin NaN": ("3.margin", NAN),
+              "crop margin 1e300": ("3.margin", 1e300), "masks margin NaN": ("4.margin", NAN),
+              "repaint context NaN": ("5.context", NAN), "repaint context inf": ("5.context", INF),
+              "repaint mask_margin NaN": ("5.mask_margin", NAN), "evaluate margin NaN": ("6.margin", NAN),
+              "evaluate margin -1": ("6.margin", -1.0)}
+
+
+def test_the_face_nodes_run_with_valid_numbers(server):
+    """The control for the refusals below: the same prompt with valid numbers passes validation and runs."""
+    entry = server.wait(server.queue(face_workflow()), timeout=240)
+    assert {"6", "7", "8", "9"} <= set(entry["outputs"]), entry["outputs"].keys()
+
+
+@pytest.mark.parametrize("case", FACE_CASES)
+def test_a_json_nan_or_absurd_number_in_a_face_node_is_refused_when_the_prompt_is_queued(server, case):
+    """JSON NaN passes ComfyUI's own min/max check, and the nodes ran on with it (tests/test_hostile_inputs.py lists
+    what each did). Listing an input in VALIDATE_INPUTS also turns ComfyUI's min/max off for it, so the out-of-range
+    cases check that the node's own check repeats it. The prompt is refused before anything runs."""
+    key, value = FACE_CASES[case]
+    nid, name = key.split(".")
+    with pytest.raises(comfy_server.ComfyServerError) as e:
+        server.queue(face_workflow(**{key: value}))
+    msg = str(e.value)
+    print(msg)
+    line = next((l for l in msg.splitlines() if f"node {nid} " in l), "")
+    assert f"{name} is " in line and ("not a finite number" in line or "outside its range" in line), msg
 
 
 def test_the_pooled_alias_passes_validation_and_runs(server):
