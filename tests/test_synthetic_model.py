@@ -23,9 +23,13 @@ from idfusion_pack.idfusion import synthetic  # noqa: E402
 from idfusion_pack.idfusion.adapter import AdapterError, IDFusionAdapter, read_safetensors, save_safetensors_atomic  # noqa: E402
 
 MODELS = os.path.join(ROOT, "models")
-# guards set from the shipped model's measured figures (2026-11-30: mean rank 9.7 with the adapter, 44.1 without, 44.7
-# with shuffled references, chance 49.5; extrapolation hair hue inside the band in 72.7% of the report's 256 pictures)
-MAX_MEAN_RANK = 20
+# guards set from the shipped model's measured figures (2026-11-30, 6000-step adapter: on these 32 pictures top-1 43.8%,
+# mean rank 4.1 with the adapter, 44.1 without, 42.4 with shuffled references, chance 49.5; skin+hair ΔE 10.9 against
+# 33.5 without; extrapolation hair hue inside the band 75% here, 78.5% in the report's 256 pictures). The 1500-step
+# adapter shipped before measured mean rank 9.7: these guards would fail it.
+MAX_MEAN_RANK = 8
+MIN_TOP1 = 0.25
+MAX_COLOUR_RATIO = 0.5
 BASE = os.path.join(MODELS, "synthetic_faces.safetensors")
 ADAPTER = os.path.join(MODELS, "idfusion", "synthetic_faces_adapter.safetensors")
 REFERENCES = os.path.join(ROOT, "workflows", "assets", "synthetic")
@@ -136,11 +140,11 @@ def test_shipped_adapter_copies_faces_it_never_saw(shipped):
     in_band = float(np.mean([D.in_band(D.hue(r["identity"]["hair"])) for r in reads]))
     print(f"reduced evaluation, n=32 each: {got}; extrapolation hair hue read inside the band: {in_band:.3f}")
     w, wo, sh = got["with adapter"], got["without adapter"], got["shuffled references"]
-    assert w["skin+hair ΔE"] <= 0.7 * wo["skin+hair ΔE"], f"the reference's colours do not come through: {got}"
+    assert w["skin+hair ΔE"] <= MAX_COLOUR_RATIO * wo["skin+hair ΔE"], f"the reference's colours do not come through: {got}"
     assert sh["skin+hair ΔE"] >= 0.85 * wo["skin+hair ΔE"], f"other identities' references still give these colours: {got}"
     assert w["mean rank"] <= MAX_MEAN_RANK, f"the reference's identity is not ranked high among 100: {got}"
     assert wo["mean rank"] >= 35 and sh["mean rank"] >= 35, f"without the right reference the ranking is not chance (49.5): {got}"
-    assert w["top1"] > wo["top1"] and w["top1"] > sh["top1"], got
+    assert w["top1"] >= MIN_TOP1 and w["top1"] > wo["top1"] and w["top1"] > sh["top1"], got
     # a model that snapped to training identities would give these faces a hair hue outside the band, never inside
     assert in_band >= 0.5, f"extrapolation hair hues snap to training hues: only {in_band:.1%} inside the band"
 
