@@ -379,6 +379,24 @@ def check_reference_size(image: torch.Tensor, vae, r: int = 0, latent: torch.Ten
                            f"face or scale the image down (a face crop of 512-1024 px is plenty).")
 
 
+def encode_references(model_patcher, vae, image: torch.Tensor, pass_h_f, check_latent=None, progress=None):
+    """Both families' Encode: each reference image VAE-encoded on its own, bounded, then one reference pass
+    (`pass_h_f(latent)` -> h_f per layer, the family's own). -> (h_f per reference, latents, thumbnails)."""
+    base = model_patcher.model
+    h_f, latents, thumbs = [], [], []
+    for r in range(image.shape[0]):
+        thumbs.append(thumbnail(image[r]))
+        latent = base.process_latent_in(vae.encode(image[r:r + 1, :, :, :3])).float().cpu()
+        if check_latent is not None:
+            check_latent(latent)
+        check_reference_size(image, vae, r, latent)
+        h_f.append(pass_h_f(latent))
+        latents.append(latent)
+        if progress is not None:
+            progress.update(1)
+    return h_f, latents, thumbs
+
+
 def encode_identity(model_patcher, vae, image: torch.Tensor, clip=None, timestep: int = 0,
                     mode: str = "cached", name: str = "identity", progress=None) -> Identity:
     """IMAGE batch (B, H, W, 3) of one person -> Identity with h_f per reference, one UNet pass each."""
@@ -389,14 +407,8 @@ def encode_identity(model_patcher, vae, image: torch.Tensor, clip=None, timestep
     layers = find_layers(base.diffusion_model)
     context, y, text = text_condition(model_patcher, clip, width=image.shape[2], height=image.shape[1])
     sigma = reference_sigma(model_patcher, timestep)
-    h_f, latents, thumbs = [], [], []
-    for r in range(image.shape[0]):
-        thumbs.append(thumbnail(image[r]))
-        latent = base.process_latent_in(vae.encode(image[r:r + 1, :, :, :3])).float().cpu()
-        check_reference_size(image, vae, r, latent)
-        h_f.append(reference_h_f(model_patcher, layers, latent, sigma, context, y))
-        latents.append(latent)
-        if progress is not None:
-            progress.update(1)
+    h_f, latents, thumbs = encode_references(
+        model_patcher, vae, image, lambda latent: reference_h_f(model_patcher, layers, latent, sigma, context, y),
+        progress=progress)
     return Identity(layers, model_family(model_patcher), {"mode": mode, "timestep": int(timestep), "text": text},
                     h_f, latents, context, y, name, thumbnails=thumbs)

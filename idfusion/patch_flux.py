@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from . import fusion
 from .adapter import AdapterError, IDFusionAdapter, Layer, model_family
-from .identity import Identity, check_reference_size, thumbnail
+from .identity import Identity, check_reference_size, encode_references
 from .patch import Entry, Fusion, chunk_options  # noqa: F401  (Entry: one interface with patch.py for the nodes)
 
 log = logging.getLogger("IDFusion")
@@ -302,18 +302,13 @@ def encode_identity(model_patcher, vae, image, clip=None, timestep: int = 0, mod
     layers = find_layers(base.diffusion_model)
     context, y, text = text_condition(model_patcher, clip)
     sigma = reference_sigma(model_patcher, timestep)
-    h_f, latents, thumbs = [], [], []
-    for r in range(image.shape[0]):
-        thumbs.append(thumbnail(image[r]))
-        latent = base.process_latent_in(vae.encode(image[r:r + 1, :, :, :3])).float().cpu()
+    def same_channels(latent):
         if latent.shape[1] != latent_channels(model_patcher):
             raise AdapterError(f"The VAE gives {latent.shape[1]}-channel latents but this Flux model takes "
                                f"{latent_channels(model_patcher)}: connect the model's own VAE (ae.safetensors).")
-        check_reference_size(image, vae, r, latent)
-        h_f.append(reference_h_f(model_patcher, layers, latent, sigma, context, y))
-        latents.append(latent)
-        if progress is not None:
-            progress.update(1)
+    h_f, latents, thumbs = encode_references(
+        model_patcher, vae, image, lambda latent: reference_h_f(model_patcher, layers, latent, sigma, context, y),
+        same_channels, progress)
     return Identity(layers, model_family(model_patcher), {"mode": mode, "timestep": int(timestep), "text": text},
                     h_f, latents, context, y, name, thumbnails=thumbs)
 
