@@ -8,7 +8,7 @@ OLD_HOST ?= 0.3.52
 py = .hosts/$(1)/venv/bin/python
 comfy = $(CURDIR)/.hosts/$(1)/ComfyUI
 
-.PHONY: setup demo demo-sd15 test test-main test-old bench synthetic synthetic-token-budget clean
+.PHONY: setup demo demo-sd15 test test-main test-old bench synthetic synthetic-flux synthetic-token-budget clean
 setup:
 	bash scripts/setup_host.sh $(HOST)
 
@@ -46,6 +46,11 @@ bench: setup
 # times are in models/README.md
 synthetic: setup
 	COMFYUI_PATH=$(call comfy,$(HOST)) $(call py,$(HOST)) benchmarks/synthetic/run.py --scale cpu
+
+# the DiT family: the same domain, instrument and evaluation on ComfyUI's Flux class at a tiny width (issue 19); ships
+# models/synthetic_faces_flux.safetensors, its adapter and docs/synthetic/report_flux-cpu.md
+synthetic-flux: setup
+	COMFYUI_PATH=$(call comfy,$(HOST)) $(call py,$(HOST)) benchmarks/synthetic/run.py --scale flux-cpu
 
 # after `make synthetic`: an adapter trained with pooled reference tokens, compared on the same pictures (report section 5)
 synthetic-token-budget: setup

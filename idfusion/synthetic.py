@@ -1,8 +1,12 @@
 """The pack's own small base model family, `synthetic_faces`: what the demo and the shipped adapter run on, since no
 real checkpoint or adapter can be downloaded.
 
-A file holds a tiny ComfyUI UNetModel (SD's discrete schedule, x0 or v prediction as its metadata says), a word-level
-text encoder and the codec settings. Everything needed to rebuild the model (UNet config, vocabulary, codec) is read off the file's metadata.
+A file holds a tiny diffusion model, a word-level text encoder and the codec settings. The diffusion model is one of
+two architectures (metadata "architecture"):
+- "unet": ComfyUI's UNetModel on SD's discrete schedule, x0 or v prediction as its metadata says;
+- "flux": ComfyUI's Flux DiT class (comfy.ldm.flux.model.Flux, through model_base.Flux) at a tiny width, on Flux's
+  flow schedule (flow or x0 output): the DiT family of the pack, trained on the same pictures and captions (issue 19).
+Everything needed to rebuild the model (network config, vocabulary, codec) is read off the file's metadata.
 The three parts are handed to ComfyUI as a ModelPatcher, a real `comfy.sd.CLIP` and a VAE-shaped codec, so ComfyUI's
 own CLIPTextEncode, EmptyLatentImage, KSampler, VAEEncode and VAEDecode work with them.
 """
@@ -169,17 +173,55 @@ def unet_config(latent_channels: int, latent_size: int, channels: int = 64, chan
             "adm_in_channels": None, "use_temporal_attention": False, "use_temporal_resblock": False}
 
 
-def model_config(unet: dict):
-    """A ComfyUI model config for the family: pixel-space latents (no scaling); build_patcher sets the prediction."""
+def flux_config(latent_channels: int, hidden: int = 128, heads: int = 4, depth: int = 2, depth_single: int = 4,
+                context_dim: int = 64, mlp_ratio: float = 4.0) -> dict:
+    """ComfyUI's Flux DiT (its FluxParams) at a tiny width. Patch size 1: each latent cell (8x8 pixels) is one image
+    token, as the UNet sees it. No guidance embedding (sampled with CFG, as the UNet); vec_in_dim is kept (ComfyUI
+    0.3.52's Flux always builds its vector input) and gets zeros, the word encoder having no pooled output. RoPE
+    axes split the head width as Flux's own (16, 56, 56) of 128 do: a small time axis, equal height and width."""
+    head = hidden // heads
+    if hidden % heads or head % 8:
+        raise AdapterError(f"Flux width {hidden} with {heads} heads: the head width must be a multiple of 8.")
+    hw = (head * 3 // 8) // 2 * 2
+    return {"image_model": "flux", "in_channels": latent_channels, "out_channels": latent_channels, "vec_in_dim": 8,
+            "context_in_dim": context_dim, "hidden_size": hidden, "mlp_ratio": mlp_ratio, "num_heads": heads,
+            "depth": depth, "depth_single_blocks": depth_single, "axes_dim": [head - 2 * hw, hw, hw], "theta": 10000,
+            "patch_size": 1, "qkv_bias": True, "guidance_embed": False}
+
+
+def _pixel_space(channels: int):
     import comfy.latent_formats
-    import comfy.model_base
-    import comfy.supported_models_base
 
     class PixelSpace(comfy.latent_formats.LatentFormat):
-        latent_channels = unet["in_channels"]
+        latent_channels = channels
 
         def __init__(self):
             self.scale_factor = 1.0
+    return PixelSpace
+
+
+def flux_model_config(dit: dict):
+    """ComfyUI's own Flux model config class (schnell's: no guidance, flow schedule with shift 1) with pixel-space
+    latents: get_model builds model_base.Flux, so every Flux code path of ComfyUI and of the pack runs on it."""
+    import comfy.supported_models
+
+    class SyntheticFacesFlux(comfy.supported_models.FluxSchnell):
+        unet_config = {}
+        latent_format = _pixel_space(dit["in_channels"])
+        memory_usage_factor = 1.0
+        sampling_settings = {"multiplier": 1.0, "shift": 1.0}
+
+    cfg = SyntheticFacesFlux({**dit, "dtype": torch.float32})
+    cfg.set_inference_dtype(torch.float32, None)
+    return cfg
+
+
+def model_config(unet: dict):
+    """A ComfyUI model config for the family: pixel-space latents (no scaling); build_patcher sets the prediction."""
+    import comfy.model_base
+    import comfy.supported_models_base
+
+    PixelSpace = _pixel_space(unet["in_channels"])
 
     class SyntheticFaces(comfy.supported_models_base.BASE):
         unet_config = {}
@@ -209,19 +251,32 @@ def _x0_sampling(model_config):
     return X0Discrete(model_config)
 
 
-PREDICTIONS = ("v", "x0")
+def _x0_flow_sampling(model_config):
+    """Flux's flow schedule (ComfyUI's ModelSamplingFlux and CONST: x_t = sigma * noise + (1 - sigma) * x0) with an x0
+    parametrisation, as the UNet's: the network outputs the clean picture. Trained on CPU for minutes, the DiT with
+    Flux's own velocity output left every 8x8 token grainy; x0 output blurs instead (measured in the report)."""
+    import comfy.model_sampling as cms
+
+    class X0Flow(cms.ModelSamplingFlux, cms.CONST, cms.X0):
+        def calculate_denoised(self, sigma, model_output, model_input):
+            return model_output
+    return X0Flow(model_config)
 
 
-def build_patcher(unet: dict, state: dict | None = None, prediction: str = "v"):
-    """BaseModel + ModelPatcher on ComfyUI's devices (the CPU with --cpu). state: UNet weights, or None (random)."""
+PREDICTIONS = {"unet": ("v", "x0"), "flux": ("flow", "x0")}
+
+
+def build_patcher(unet: dict, state: dict | None = None, prediction: str = "v", architecture: str = "unet"):
+    """BaseModel + ModelPatcher on ComfyUI's devices (the CPU with --cpu). unet: the network's config (unet_config
+    or flux_config); state: its weights, or None (random)."""
     import comfy.model_management as mm
     import comfy.model_patcher
-    if prediction not in PREDICTIONS:
-        raise AdapterError(f"Unknown prediction type {prediction!r} (expected one of {PREDICTIONS}).")
-    cfg = model_config(unet)
+    if prediction not in PREDICTIONS.get(architecture, ()):
+        raise AdapterError(f"Unknown architecture/prediction {architecture!r}/{prediction!r} (expected one of {PREDICTIONS}).")
+    cfg = model_config(unet) if architecture == "unet" else flux_model_config(unet)
     model = cfg.get_model({}, device="cpu")
     if prediction == "x0":
-        model.model_sampling = _x0_sampling(cfg)
+        model.model_sampling = _x0_sampling(cfg) if architecture == "unet" else _x0_flow_sampling(cfg)
     if state is not None:
         model.diffusion_model.load_state_dict(state, strict=True)
     model.diffusion_model.requires_grad_(False).eval()
@@ -230,13 +285,17 @@ def build_patcher(unet: dict, state: dict | None = None, prediction: str = "v"):
 
 
 # ---- the file ----------------------------------------------------------------------------------------------
+CONFIG_KEY = {"unet": "unet_config", "flux": "dit_config"}
+
+
 def save(path: str, unet: dict, unet_state: dict, text_state: dict, vocabulary: list[str], text_length: int,
-         codec: PixelCodec, info: dict, dtype: torch.dtype = torch.float16):
-    """unet.* and text.* tensors (fp16 by default) plus everything needed to rebuild the model, atomically."""
+         codec: PixelCodec, info: dict, dtype: torch.dtype = torch.float16, architecture: str = "unet"):
+    """unet.* (the diffusion model, either architecture) and text.* tensors (fp16 by default) plus everything needed
+    to rebuild the model, atomically."""
     tensors = {f"unet.{k}": v.detach().to(dtype).contiguous() for k, v in unet_state.items()}
     tensors.update({f"text.{k}": v.detach().to(dtype).contiguous() for k, v in text_state.items()})
-    meta = {"format": FORMAT, "format_version": "1", "family": FAMILY,
-            "unet_config": json.dumps({k: v for k, v in unet.items() if k != "dtype"}),
+    meta = {"format": FORMAT, "format_version": "1", "family": FAMILY, "architecture": architecture,
+            CONFIG_KEY[architecture]: json.dumps({k: v for k, v in unet.items() if k != "dtype"}),
             "text_encoder": json.dumps({"vocabulary": vocabulary, "length": text_length}),
             "codec": json.dumps({"pool": codec.pool, "factor": codec.factor}),
             **{k: v if isinstance(v, str) else json.dumps(v) for k, v in info.items()}}
@@ -259,14 +318,18 @@ def _meta_json(meta: dict, key: str, path: str, kind):
 def load(path: str):
     """-> (ModelPatcher, CLIP, PixelCodec, metadata). Checks the file against its own metadata, naming it on error."""
     tensors, meta = read_safetensors(path, FORMAT, "synthetic_faces model")
-    unet = _meta_json(meta, "unet_config", path, dict)
+    architecture = meta.get("architecture", "unet")   # files from before the DiT family have no such key
+    if architecture not in CONFIG_KEY:
+        raise AdapterError(f"'{path}': unknown architecture {architecture!r} (this pack knows {sorted(CONFIG_KEY)}); "
+                           "update the pack or rebuild the file with `make synthetic`.")
+    unet = _meta_json(meta, CONFIG_KEY[architecture], path, dict)
     text = _meta_json(meta, "text_encoder", path, dict)
     codec_meta = _meta_json(meta, "codec", path, dict)
     try:
         codec = PixelCodec(int(codec_meta["pool"]), int(codec_meta["factor"]))
         vocabulary, length = [str(w) for w in text["vocabulary"]], int(text["length"])
         if unet["in_channels"] != codec.latent_channels:
-            raise AdapterError(f"'{path}': the UNet takes {unet['in_channels']} channels but the codec makes "
+            raise AdapterError(f"'{path}': the network takes {unet['in_channels']} channels but the codec makes "
                                f"{codec.latent_channels}; the file is inconsistent: rebuild it with `make synthetic`.")
     except (KeyError, TypeError, ValueError) as e:
         raise AdapterError(f"'{path}': incomplete model metadata ({e!r}); rebuild it with `make synthetic`.") from None
@@ -274,15 +337,39 @@ def load(path: str):
         if not torch.isfinite(t).all():
             raise AdapterError(f"'{path}': tensor '{name}' has NaN or Inf values; the file is damaged: rebuild it.")
     prediction = meta.get("prediction", "v")
-    if prediction not in PREDICTIONS:
-        raise AdapterError(f"'{path}': unknown prediction type {prediction!r}; rebuild it with `make synthetic`.")
+    if prediction not in PREDICTIONS[architecture]:
+        raise AdapterError(f"'{path}': unknown prediction type {prediction!r} for a {architecture} model; rebuild it "
+                           "with `make synthetic`.")
     unet_state = {k[5:]: v.float() for k, v in tensors.items() if k.startswith("unet.")}
     text_state = {k[5:]: v.float() for k, v in tensors.items() if k.startswith("text.")}
     try:
         emb = text_state["emb.weight"]
         clip = make_clip(vocabulary, emb.shape[1], length, text_state)
-        patcher = build_patcher(unet, unet_state, prediction)
-    except (RuntimeError, KeyError) as e:
+        patcher = build_patcher(unet, unet_state, prediction, architecture)
+    except (RuntimeError, KeyError, TypeError) as e:
         raise AdapterError(f"'{path}': its tensors do not match its metadata ({str(e).splitlines()[0][:300]}); "
                            "rebuild it with `make synthetic`.") from None
+    if architecture == "flux":
+        _check_host_runs_patch_1(patcher, path)
     return patcher, clip, codec, meta
+
+
+def _check_host_runs_patch_1(patcher, path: str):
+    """The DiT family uses Flux's patch size 1; ComfyUI 0.3.52's Flux folds its output back in fixed 2x2 patches and
+    cannot run it. One forward of a 2x2 latent (milliseconds at this width) tells, so the loader can say so plainly."""
+    dm = patcher.model.diffusion_model
+    x = torch.zeros(1, dm.params.in_channels, 2, 2)
+    try:
+        with torch.no_grad():
+            ok = dm(x, torch.zeros(1), torch.zeros(1, 1, dm.params.context_in_dim)).shape == x.shape
+    except RuntimeError:
+        ok = False
+    if not ok:
+        try:
+            import comfyui_version
+            version = comfyui_version.__version__
+        except ImportError:
+            version = "an older version"
+        raise AdapterError(f"'{path}' is the synthetic_faces DiT (ComfyUI's Flux class at patch size 1), which this "
+                           f"ComfyUI ({version}) cannot run: its Flux folds the output in fixed 2x2 patches. Use ComfyUI "
+                           "0.3.75 or newer, or the UNet model synthetic_faces.safetensors.")

@@ -1,5 +1,6 @@
-"""Loader for the pack's own small base model (synthetic_faces), shipped in the pack's models/ folder: it returns
-MODEL, CLIP and VAE like a checkpoint loader, for ComfyUI's own text, latent, sampler and VAE nodes."""
+"""Loader for the pack's own small base models (synthetic_faces: a UNet and a Flux DiT), shipped in the pack's
+models/ folder: it returns MODEL, CLIP and VAE like a checkpoint loader, for ComfyUI's own text, latent, sampler and
+VAE nodes."""
 import folder_paths
 
 from ..idfusion import synthetic
@@ -17,17 +18,21 @@ class IDFusionSyntheticModelLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"model_name": (model_files(), {
-            "tooltip": "A synthetic_faces model file (the pack ships models/synthetic_faces.safetensors; "
-                       "`make synthetic` rebuilds it). Use EmptyLatentImage 128x128 for one face."})}}
+            "tooltip": "A synthetic_faces model file. The pack ships two, one per model family: "
+                       "synthetic_faces.safetensors (a UNet; `make synthetic` rebuilds it) and "
+                       "synthetic_faces_flux.safetensors (ComfyUI's Flux DiT class at a tiny width, needs ComfyUI "
+                       "0.3.75 or newer; `make synthetic-flux`). Each has its own adapter in models/idfusion/. "
+                       "Use EmptyLatentImage 96x96 for one face."})}}
 
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
-    OUTPUT_TOOLTIPS = ("The diffusion model (a tiny UNet that predicts the clean picture).",
+    OUTPUT_TOOLTIPS = ("The diffusion model (a tiny UNet or Flux DiT that predicts the clean picture).",
                        "Its word-level text encoder: prompts like 'a photo of a person, crying, facing left, teal background'.",
                        "Its codec (exact for the model's pictures): use with VAE Encode / VAE Decode.")
     FUNCTION = "load"
     CATEGORY = CATEGORY + "/synthetic"
-    DESCRIPTION = ("Loads the pack's own small cartoon-face model, trained on CPU, so identity transfer can be seen "
-                   "without downloading anything. Pair it with models/idfusion/synthetic_faces_adapter.safetensors.")
+    DESCRIPTION = ("Loads one of the pack's own small cartoon-face models, trained on CPU, so identity transfer can be "
+                   "seen without downloading anything: the UNet (pair it with synthetic_faces_adapter.safetensors) or "
+                   "the Flux DiT (synthetic_faces_flux_adapter.safetensors).")
 
     def load(self, model_name):
         path = folder_paths.get_full_path(FOLDER, model_name)

@@ -46,13 +46,26 @@ REFERENCE_2 = "fresh_1.png"           # the second person of the two-people temp
 SD_REFERENCE = "reference_face.png"   # the pack's cartoon face, for SD checkpoints (workflows/assets/)
 
 
-def recommended() -> dict:
-    """The sampling settings the shipped synthetic adapter's metadata recommends (chosen by `make synthetic` on
-    validation identities): {"cfg", "uncond", "weight"}."""
+def recommended(adapter: str = "synthetic_faces_adapter.safetensors") -> dict:
+    """The sampling settings a shipped synthetic adapter's metadata recommends (chosen by `make synthetic` on
+    validation identities): {"cfg", "uncond", "weight"}. adapter: its file in models/idfusion/."""
     from safetensors import safe_open
-    path = os.path.join(ROOT, "models", "idfusion", "synthetic_faces_adapter.safetensors")
+    path = os.path.join(ROOT, "models", "idfusion", adapter)
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path} is missing: it ships with the pack (`make synthetic` rebuilds it)")
     with safe_open(path, "pt") as f:
-        return json.loads(f.metadata()["recommended"])
+        meta = f.metadata() or {}
+    if "recommended" not in meta:
+        raise SystemExit(f"{path} has no 'recommended' metadata (cfg, uncond, weight): rebuild it with `make synthetic`")
+    return json.loads(meta["recommended"])
+
+
+def synthetic_demo_values(adapter: str) -> dict:
+    """The demo twins' (1 and 9: same node ids) settings, read off the shipped adapter's metadata when the twin is built."""
+    rec = recommended(adapter)
+    return {"3": {"image": REFERENCE}, "8": {"width": FACE, "height": FACE},
+            "5": {"weight": rec["weight"], "uncond": rec["uncond"]}, "15": {"uncond": rec["uncond"]},
+            "9": {"cfg": rec["cfg"]}, "12": {"cfg": rec["cfg"]}}
 
 
 REC = recommended()
@@ -60,6 +73,19 @@ DATASET = "example_synthetic_faces"   # workflows/assets/datasets/ (scripts/make
 CKPT = "v1-5-pruned-emaonly.safetensors"
 ADAPTER = "idfusion_adapter.safetensors"
 FACE = 96                             # the synthetic model's picture: FACE x FACE, two people 2*FACE x FACE
+FLUX_SYNTHETIC = "synthetic_faces_flux.safetensors"              # the pack's tiny DiT (models/)
+FLUX_SYNTHETIC_ADAPTER = "synthetic_faces_flux_adapter.safetensors"  # its adapter (models/idfusion/)
+# a user's Flux, by the usual file names of ComfyUI's Flux examples
+FLUX_UNET = "flux1-dev.safetensors"
+FLUX_CLIP_L = "clip_l.safetensors"
+FLUX_T5 = "t5xxl_fp16.safetensors"
+FLUX_VAE = "ae.safetensors"
+FLUX_ADAPTER = "idfusion_flux_adapter.safetensors"
+# what a template that does not run as shipped needs from the user: (input, usual file name, ComfyUI/models/ folder)
+NEEDS_CKPT = [("ckpt_name", CKPT, "checkpoints")]
+NEEDS_FLUX = [("unet_name", FLUX_UNET, "diffusion_models"), ("clip_name1", FLUX_CLIP_L, "text_encoders"),
+              ("clip_name2", FLUX_T5, "text_encoders"), ("vae_name", FLUX_VAE, "vae"), ("adapter_name", FLUX_ADAPTER, "idfusion")]
+USER_FILES = {CKPT, ADAPTER} | {f for _, f, _ in NEEDS_FLUX}  # the user's own files, named by their usual names
 
 CKPT_NOTE = (f"Needs your SD1.5 checkpoint in ComfyUI/models/checkpoints/. ckpt_name is set to {CKPT}, its usual name "
              "(Stable Diffusion 1.5 from Hugging Face: stable-diffusion-v1-5/stable-diffusion-v1-5, or the fp16 "
@@ -67,6 +93,16 @@ CKPT_NOTE = (f"Needs your SD1.5 checkpoint in ComfyUI/models/checkpoints/. ckpt_
              "list. No public IDFusion adapter exists yet: IDFusion New Adapter (untrained) makes a correctly shaped one "
              "so the graph runs (its pictures are noise); replace it with IDFusion Load Adapter once you have trained "
              "one (template 3).")
+FLUX_NOTE = (f"Needs your Flux files (their usual names; pick yours from each list): {FLUX_UNET} in "
+             "ComfyUI/models/diffusion_models/ (FLUX.1 [dev] from Hugging Face: black-forest-labs/FLUX.1-dev; schnell "
+             "works the same: flux1-schnell.safetensors, 4 steps), "
+             f"{FLUX_CLIP_L} and {FLUX_T5} (or t5xxl_fp8_e4m3fn.safetensors) in ComfyUI/models/text_encoders/ (Hugging "
+             f"Face: comfyanonymous/flux_text_encoders), {FLUX_VAE} in ComfyUI/models/vae/ (from the FLUX.1 repository). "
+             "weight_dtype fp8_e4m3fn halves the model's memory. IDFusion on Flux needs ComfyUI 0.3.75 or newer.")
+FLUX_ADAPTER_NOTE = (f"adapter_name: an IDFusion adapter trained for this Flux, {FLUX_ADAPTER} in ComfyUI/models/idfusion/. "
+                     "No public one exists yet: train it with scripts/train.py --unet (this model) --clip (both text "
+                     "encoders) --vae, or with template 3 on these loaders' MODEL/CLIP/VAE. To try the wiring first, "
+                     "IDFusion New Adapter (untrained) makes a correctly shaped one (its pictures are noise).")
 REF_NOTE = ("The reference is the pack's cartoon face (IDFusion Example Reference Face, nothing to copy). For a real "
             "person replace it with Load Image and a photo of ONE person (a batch = several references).")
 
@@ -79,9 +115,7 @@ SPECS = {
         "twin": "idfusion_synthetic_demo_api.json",
         "describe": "Start here: identity transfer on the pack's own tiny model. Runs as shipped, no downloads.",
         "runs": True,
-        "values": {"3": {"image": REFERENCE}, "8": {"width": FACE, "height": FACE},
-                   "5": {"weight": REC["weight"], "uncond": REC["uncond"]}, "15": {"uncond": REC["uncond"]},
-                   "9": {"cfg": REC["cfg"]}, "12": {"cfg": REC["cfg"]}},
+        "values": lambda: synthetic_demo_values("synthetic_faces_adapter.safetensors"),
         "rows": [[
             ("1. The shipped model and adapter", "Everything here ships with the pack: a tiny cartoon-faces model trained "
              "on CPU and an adapter trained for it, so you can see identity transfer without downloading anything: "
@@ -140,6 +174,7 @@ SPECS = {
     "4 SD1.5 - one identity": {
         "twin": "idfusion_basic_api.json",
         "describe": f"One identity on your SD1.5 checkpoint ({CKPT}).",
+        "needs": NEEDS_CKPT,
         "values": {"1": {"ckpt_name": CKPT}, "3": {"image": SD_REFERENCE}},
         "rows": [[
             ("1. Models", CKPT_NOTE, [["1", "2"]]),
@@ -158,6 +193,7 @@ SPECS = {
     "5 SD1.5 - two people, masks": {
         "twin": "idfusion_multi_identity_api.json",
         "describe": f"Two people placed with masks on your SD1.5 checkpoint ({CKPT}).",
+        "needs": NEEDS_CKPT,
         "values": {"1": {"ckpt_name": CKPT}, "3": {"image": SD_REFERENCE}},
         "rows": [[
             ("1. Models", CKPT_NOTE, [["1", "2"]]),
@@ -177,6 +213,7 @@ SPECS = {
     "6 SD1.5 - face repaint": {
         "twin": "idfusion_face_repaint_api.json",
         "describe": f"Generate, then repaint the face at higher resolution with the identity ({CKPT}).",
+        "needs": NEEDS_CKPT,
         "values": {"1": {"ckpt_name": CKPT}, "3": {"image": SD_REFERENCE}},
         "rows": [[
             ("1. Models", CKPT_NOTE, [["1", "2"]]),
@@ -197,6 +234,7 @@ SPECS = {
     "7 Face benchmark (ArcFace)": {
         "twin": "idfusion_face_benchmark_api.json",
         "describe": "Score an adapter: ArcFace similarity to the reference (scripts/face_benchmark.py runs it at scale).",
+        "needs": NEEDS_CKPT + [("adapter_name", ADAPTER, "idfusion")],
         "values": {"1": {"ckpt_name": CKPT}, "2": {"adapter_name": ADAPTER}, "3": {"image": "example.png"}},
         "rows": [[
             ("1. Models", f"Needs your own files. ckpt_name: your SD1.5 checkpoint in ComfyUI/models/checkpoints/ "
@@ -217,7 +255,69 @@ SPECS = {
              "node shows a badge per image: similarity, distance, face found.", [["14"]]),
         ]],
     },
+    "8 Flux - one identity": {
+        "twin": "idfusion_flux_one_identity_api.json",
+        "describe": f"One identity on your Flux dev/schnell ({FLUX_UNET} + clip_l + t5xxl + ae).",
+        "needs": NEEDS_FLUX,
+        "values": {"1": {"unet_name": FLUX_UNET}, "2": {"clip_name1": FLUX_CLIP_L, "clip_name2": FLUX_T5, "type": "flux", "device": "default"},
+                   "3": {"vae_name": FLUX_VAE}, "4": {"adapter_name": FLUX_ADAPTER}, "5": {"image": SD_REFERENCE}},
+        "rows": [[
+            ("1. Models", FLUX_NOTE + " " + FLUX_ADAPTER_NOTE, [["1", "2"], ["3", "4"]]),
+            ("2. Reference face", REF_NOTE + " The reference goes once through the Flux DiT's own blocks; each block's "
+             "reference tokens are the identity.", [["5"], ["6"]]),
+            ("3. Fuse the identity", "The same IDFusion Apply as on SD1.5/SDXL: on Flux it adds K_f/V_f from the "
+             "adapter to every double and single block's joint attention (the image queries attend to text, image "
+             "and identity keys). weight scales V_f (0 = off); block_weights takes double:/single: groups.", [["7"]]),
+        ], [
+            ("4. Prompt and guidance", "Describe the scene; the identity comes from the reference. Flux dev reads its "
+             "guidance from FluxGuidance (3.5 is usual) and samples at cfg 1, so the negative is not used.",
+             [["8", "10"], ["9", "11"]]),
+            ("5. Sample", "Flux dev: euler, simple, 20 steps, cfg 1 (schnell: 4 steps). Fixed seed; set "
+             "control_after_generate to randomize to explore.", [["12"]]),
+            ("6. Decode and save", "Written to ComfyUI/output/IDFusion_flux_*.png.", [["13"], ["14"]]),
+        ]],
+    },
+    "9 Flux - synthetic DiT identity demo": {
+        "twin": "idfusion_synthetic_flux_demo_api.json",
+        "describe": "Identity transfer on the pack's own tiny Flux DiT. Runs as shipped, no downloads.",
+        "runs": True,
+        "values": lambda: dict(synthetic_demo_values(FLUX_SYNTHETIC_ADAPTER), **{
+            "1": {"model_name": FLUX_SYNTHETIC}, "2": {"adapter_name": FLUX_SYNTHETIC_ADAPTER}}),
+        "rows": [[
+            ("1. The shipped DiT and its adapter", "Both ship with the pack: ComfyUI's own Flux class at a tiny width, "
+             "trained on CPU on the same cartoon faces and captions as template 1's UNet, and an adapter trained for "
+             "it: press Run. The same nodes as on a real Flux; this tiny DiT has no guidance input, so it samples with "
+             "cfg like the UNet (the adapter's recommended cfg, weight and uncond are set).", [["1", "2"]]),
+            ("2. Reference face", f"A face that ships with the pack ({REFERENCE}: a person the adapter never saw in "
+             "training). Pick another in the list; nothing needs copying into ComfyUI/input.", [["3"], ["4"]]),
+            ("3. Fuse the identity", "The same Apply node as on the UNet: on this DiT it fuses the identity into every "
+             "double and single block's joint attention.", [["5"]]),
+        ], [
+            ("4. Prompt", "Describe only expression, pose and background: who it is comes from the reference.",
+             [["6", "7"], ["8"]]),
+            ("5. With the identity", "Fixed seed 1.", [["9"], ["10", "11"]]),
+            ("6. Same seed, without the identity", "The same Apply with weight 0 returns the plain model, so this "
+             "picture shows what the DiT draws without the identity. Both pictures depend on the reference: if it is "
+             "missing, the whole prompt stops with an error instead of half-running.", [["15", "12"], ["13", "14"]]),
+        ]],
+    },
 }
+FLUX_DEMO = "9 Flux - synthetic DiT identity demo"
+
+
+def flux_demo_ships() -> bool:
+    """Whether the shipped DiT and its adapter, with the adapter's recommended settings, are in models/."""
+    from safetensors import safe_open
+    adapter = os.path.join(ROOT, "models", "idfusion", FLUX_SYNTHETIC_ADAPTER)
+    if not (os.path.isfile(os.path.join(ROOT, "models", FLUX_SYNTHETIC)) and os.path.isfile(adapter)):
+        return False
+    with safe_open(adapter, "pt") as f:
+        return "recommended" in (f.metadata() or {})
+
+
+# A checkout without the shipped DiT and its adapter's recommended settings (before `make synthetic-flux` finished) has no
+# DiT demo to build; once they exist, tests/test_browser_workflows.py fails until the template is built (--only 9).
+FLUX_DEMO_SPEC = SPECS[FLUX_DEMO] if flux_demo_ships() else SPECS.pop(FLUX_DEMO)
 TWIN_TO_UI = {spec["twin"]: name for name, spec in SPECS.items()}
 
 
@@ -297,7 +397,8 @@ def twin_with_values(spec) -> dict:
     with open(path) as f:
         text = f.read()
     api = json.loads(text)
-    for nid, values in spec.get("values", {}).items():
+    values = spec.get("values", {})
+    for nid, values in (values() if callable(values) else values).items():
         api[nid]["inputs"].update(values)
     new = json.dumps(api, indent=2) + "\n"
     if new != text:

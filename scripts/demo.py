@@ -2,14 +2,17 @@
 
     .hosts/0.3.75/venv/bin/python scripts/demo.py [--host 0.3.75|0.3.52] [--reference N] [--out DIR]
 
-The pack ships a small synthetic-faces base model (models/synthetic_faces.safetensors) and its IDFusion adapter
-(models/idfusion/synthetic_faces_adapter.safetensors), and example references (workflows/assets/synthetic/): faces
+The pack ships two small synthetic-faces base models, one per model family the pack fuses into, each with its IDFusion
+adapter: a UNet (models/synthetic_faces.safetensors, models/idfusion/synthetic_faces_adapter.safetensors) and a Flux
+DiT built by ComfyUI's own Flux class (models/synthetic_faces_flux.safetensors, ..._flux_adapter.safetensors); and
+example references (workflows/assets/synthetic/): faces
 drawn fresh from a continuous identity space (no model saw them in training) and an extrapolation face whose hair hue
 no training face had. The demo starts ComfyUI (main.py --cpu) and queues workflows/api/idfusion_synthetic_demo_api.json
 for three prompts (another expression, another pose, another background) and for the extrapolation face: each run
 samples the same seed with and without the identity. Then it queues
-workflows/api/idfusion_synthetic_two_identities_api.json (two references, left/right region masks). It writes one
-contact sheet (reference | with identity | without) and prints, for every picture, the measured errors against its
+workflows/api/idfusion_synthetic_two_identities_api.json (two references, left/right region masks). Both workflows
+run once per family, the loaders pointed at that family's files and CFG, uncond and weight taken from the adapter's
+own "recommended" metadata. It writes one contact sheet (reference | with identity | without) and prints, for every picture, the measured errors against its
 reference (colours in CIELAB ΔE, shape in pixels), read by fitting the domain's renderer to the picture."""
 from __future__ import annotations
 
@@ -31,6 +34,9 @@ ONE = os.path.join(ROOT, "workflows", "api", "idfusion_synthetic_demo_api.json")
 TWO = os.path.join(ROOT, "workflows", "api", "idfusion_synthetic_two_identities_api.json")
 REFERENCES = os.path.join(ROOT, "workflows", "assets", "synthetic")
 MODELS = os.path.join(ROOT, "models")
+# (family, base model file in models/, its adapter in models/idfusion/)
+FAMILIES = [("UNet", "synthetic_faces.safetensors", "synthetic_faces_adapter.safetensors"),
+            ("Flux DiT", "synthetic_faces_flux.safetensors", "synthetic_faces_flux_adapter.safetensors")]
 # the references smile, face front, on grey: each prompt changes one of the three
 PROMPTS = [("another expression", "a photo of a person, crying, facing front, grey background"),
            ("another pose", "a photo of a person, smiling, facing left, grey background"),
@@ -46,13 +52,35 @@ def by_title(prompt: dict, title: str) -> list[str]:
     return ids
 
 
-def fill(prompt: dict, text: str, seed: int) -> dict:
+def recommended(adapter_path: str) -> dict:
+    """The settings the adapter's own training run chose ({"cfg", "uncond", "weight"}), from its metadata."""
+    from safetensors import safe_open
+    with safe_open(adapter_path, "pt") as f:
+        meta = f.metadata() or {}
+    try:
+        rec = json.loads(meta["recommended"])
+        return {"cfg": float(rec["cfg"]), "uncond": str(rec["uncond"]), "weight": float(rec["weight"])}
+    except (KeyError, TypeError, ValueError) as e:
+        raise comfy_server.ComfyServerError(f"{adapter_path} has no usable 'recommended' metadata ({e!r}); rebuild it "
+                                            "with `make synthetic`") from None
+
+
+def fill(prompt: dict, text: str, seed: int, model: str, adapter: str, rec: dict) -> dict:
     prompt = json.loads(json.dumps(prompt))
     for nid in by_title(prompt, "prompt"):
         prompt[nid]["inputs"]["text"] = text
-    for nid, node in prompt.items():   # every sampler: the same seed, with and without the identity
-        if node["class_type"] == "KSampler":
-            node["inputs"]["seed"] = seed
+    for nid, node in prompt.items():
+        inputs, kind = node["inputs"], node["class_type"]
+        if kind == "KSampler":   # every sampler: the same seed, with and without the identity
+            inputs.update(seed=seed, cfg=rec["cfg"])
+        elif kind == "IDFusionSyntheticModelLoader":
+            inputs["model_name"] = model
+        elif kind == "IDFusionAdapterLoader":
+            inputs["adapter_name"] = adapter
+        elif kind.startswith("IDFusionApply"):
+            inputs["uncond"] = rec["uncond"]
+            if inputs.get("weight") != 0.0:   # the weight-0 Apply is the plain model, for comparison
+                inputs["weight"] = rec["weight"]
     return prompt
 
 
@@ -145,8 +173,8 @@ def main(argv=None) -> int:
         print(f"demo: no ComfyUI host at {comfyui_dir}. Run `make setup` first.", file=sys.stderr)
         return 2
     listing_path = os.path.join(a.references, "identities.json")
-    for f in (os.path.join(MODELS, "synthetic_faces.safetensors"),
-              os.path.join(MODELS, "idfusion", "synthetic_faces_adapter.safetensors"), listing_path):
+    needed = [f for _, model, adapter in FAMILIES for f in (os.path.join(MODELS, model), os.path.join(MODELS, "idfusion", adapter))]
+    for f in needed + [listing_path]:
         if not os.path.isfile(f):
             print(f"demo: {f} is missing: it ships with the pack; rebuild it with `make synthetic`.", file=sys.stderr)
             return 2
@@ -165,45 +193,51 @@ def main(argv=None) -> int:
     image = {r["file"]: Image.open(os.path.join(a.references, r["file"])).convert("RGB") for r in (ref, partner, odd)}
     server = comfy_server.ComfyServer(comfyui_dir, os.path.abspath(a.base), python=python)
     print(f"[demo] starting ComfyUI ({comfyui_dir}); log: {server.log_path}", flush=True)
-    rows, measured = [], []   # measured: (label, picture, the reference it should show)
+    rows, measured = [], {}   # measured: per family, (label, picture, the reference it should show)
     try:
         with server.start(timeout=300):
             server.check_nodes(["IDFusionSyntheticModelLoader", "IDFusionApply", "IDFusionApplyMultiIdentity"])
             one, two = comfy_server.load_workflow(ONE), comfy_server.load_workflow(TWO)
-            for what, text, r in [*((w, t, ref) for w, t in PROMPTS), ("extrapolation reference", ODD_PROMPT, odd)]:
-                prompt = fill(one, text, a.seed)
-                set_reference(server, prompt, "reference", a.references, r["file"])
-                got = pictures(server, server.wait(server.queue(prompt), timeout=300))
-                with_id, without = got["with_identity"], got["without_identity"]
-                rows.append((f"{what}: '{text}'   reference | with identity | without (same seed)", [image[r["file"]], with_id, without]))
-                measured += [(f"{what:23s} with identity", with_id, r), (f"{what:23s} without     ", without, r)]
-            prompt = fill(two, TWO_PROMPT, a.seed)
-            set_reference(server, prompt, "reference", a.references, ref["file"])
-            set_reference(server, prompt, "reference 2", a.references, partner["file"])
-            pic = pictures(server, server.wait(server.queue(prompt), timeout=300))["two_identities"]
-            rows.append((f"two identities with region masks: '{TWO_PROMPT}'   left ref | right ref | picture",
-                         [image[ref["file"]], image[partner["file"]], pic]))
-            half = pic.width // 2
-            measured += [("two identities, left half ", pic.crop((0, 0, half, pic.height)), ref),
-                         ("two identities, right half", pic.crop((half, 0, pic.width, pic.height)), partner)]
+            for family, model, adapter in FAMILIES:
+                rec = recommended(os.path.join(MODELS, "idfusion", adapter))
+                m = measured[family] = []
+                for what, text, r in [*((w, t, ref) for w, t in PROMPTS), ("extrapolation reference", ODD_PROMPT, odd)]:
+                    prompt = fill(one, text, a.seed, model, adapter, rec)
+                    set_reference(server, prompt, "reference", a.references, r["file"])
+                    got = pictures(server, server.wait(server.queue(prompt), timeout=300))
+                    with_id, without = got["with_identity"], got["without_identity"]
+                    rows.append((f"{family} - {what}: '{text}'   reference | with identity | without (same seed)",
+                                 [image[r["file"]], with_id, without]))
+                    m += [(f"{what:23s} with identity", with_id, r), (f"{what:23s} without     ", without, r)]
+                prompt = fill(two, TWO_PROMPT, a.seed, model, adapter, rec)
+                set_reference(server, prompt, "reference", a.references, ref["file"])
+                set_reference(server, prompt, "reference 2", a.references, partner["file"])
+                pic = pictures(server, server.wait(server.queue(prompt), timeout=300))["two_identities"]
+                rows.append((f"{family} - two identities with region masks: '{TWO_PROMPT}'   left ref | right ref | picture",
+                             [image[ref["file"]], image[partner["file"]], pic]))
+                half = pic.width // 2
+                m += [("two identities, left half ", pic.crop((0, 0, half, pic.height)), ref),
+                      ("two identities, right half", pic.crop((half, 0, pic.width, pic.height)), partner)]
     except comfy_server.ComfyServerError as e:
         print(f"demo FAILED: {e}", file=sys.stderr)
         return 1
     sheet = os.path.abspath(os.path.join(a.out, "idfusion_demo_sheet.png"))
     contact_sheet(rows, sheet)
-    reads = instrument.read([m[1] for m in measured])
     D = instrument.D
     print(f"[demo] reference: {ref['file']}, an identity no model saw in training; extrapolation reference: {odd['file']} "
           f"(hair hue in {D.HAIR_HUE_BAND[0]:.0f}-{D.HAIR_HUE_BAND[1]:.0f} degrees, a band no training face has)")
     print("[demo] errors against the picture's reference, read by fitting the renderer (calibration and figures: "
           "docs/synthetic_identity.md). Without the identity the face is random: those errors are the baseline.")
-    for (label, _, truth), read in zip(measured, reads):
-        print(f"  {label}: {instrument.describe(read, truth['identity'])}")
-    for label, read, own, other in (("left", reads[-2], ref, partner), ("right", reads[-1], partner, ref)):
-        k = instrument.nearer(read, [own["identity"], other["identity"]])
-        print(f"  two identities: the {label} half is nearer to {'its own reference' if k == 0 else 'the OTHER reference'}")
-    hue = float(D.hue(reads[len(PROMPTS) * 2]["identity"]["hair"]))
-    print(f"  extrapolation: hair hue read {hue:.0f} degrees (reference {float(D.hue(D.from_json(odd['identity'])['hair'])):.0f})")
+    for family, m in measured.items():
+        reads = instrument.read([x[1] for x in m])
+        print(f"[demo] {family} family:")
+        for (label, _, truth), read in zip(m, reads):
+            print(f"  {label}: {instrument.describe(read, truth['identity'])}")
+        for label, read, own, other in (("left", reads[-2], ref, partner), ("right", reads[-1], partner, ref)):
+            k = instrument.nearer(read, [own["identity"], other["identity"]])
+            print(f"  two identities: the {label} half is nearer to {'its own reference' if k == 0 else 'the OTHER reference'}")
+        hue = float(D.hue(reads[len(PROMPTS) * 2]["identity"]["hair"]))
+        print(f"  extrapolation: hair hue read {hue:.0f} degrees (reference {float(D.hue(D.from_json(odd['identity'])['hair'])):.0f})")
     print(f"[demo] done in {time.monotonic() - t0:.0f}s. Contact sheet:")
     print(sheet)
     return 0

@@ -7,9 +7,11 @@ Debian chromium through Playwright.
 - Every template opens from the browser as the complete graph; every UI file loads with no missing node types or
   widgets, has a readable layout (no overlapping nodes, one group and one Note per stage, titles, fixed seeds), and
   app.graphToPrompt() gives exactly its workflows/api/ twin (nothing is ignored).
-- Every template runs as shipped when Run is pressed, or needs the user's own checkpoint: then its Note names the usual
-  file name and where it comes from, and Run shows an error in the UI naming the input to set. No template names a
-  file that neither the pack nor a stock ComfyUI provides.
+- Every template runs as shipped when Run is pressed, or needs the user's own files (an SD1.5 checkpoint; Flux's
+  diffusion model, text encoders and VAE): then its Notes name each file by its usual name, the ComfyUI/models folder
+  it goes in and where it comes from, and Run shows an error in the UI naming the input to set, and nothing runs. No
+  template names a file that neither the pack nor a stock ComfyUI provides. (The Flux template runs end to end on
+  random files under its file names in test_flux_template_e2e.py.)
 - A missing reference stops the whole prompt with an error in the UI (never a silent half run).
 Screenshots: <tmp>/screens and $IDFUSION_SCREENS.
 """
@@ -31,7 +33,7 @@ UI_FILES = sorted(f[:-5] for f in os.listdir(WORKFLOWS) if f.endswith(".json"))
 DEMO = build.ui_name("idfusion_synthetic_demo")
 RUNS = [n for n in UI_FILES if build.SPECS.get(n, {}).get("runs")]
 NEEDS_USER_FILES = [n for n in UI_FILES if not build.SPECS.get(n, {}).get("runs")]
-USER_FILES = {build.CKPT, build.ADAPTER}  # the user's own files, named by their usual names
+USER_FILES = build.USER_FILES  # the user's own files, named by their usual names
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 
@@ -216,7 +218,9 @@ def test_templates_browser_shows_human_titles_thumbnails_and_the_demo_first(page
         if f"/workflow_templates/{ui_browser.PACK_MODULE}/" in r.url:
             responses.append((r.status, urllib.parse.unquote(r.url.split(f"/{ui_browser.PACK_MODULE}/", 1)[1])))
     page.on("response", on_response)
-    try:
+    viewport = page.viewport_size
+    page.set_viewport_size({"width": viewport["width"], "height": 1800})  # the dialog renders (and fetches) only the
+    try:                                                                   # cards on screen: all of them, here
         dialog = open_pack_templates(page)
         dialog.locator("h3", has_text=DEMO).first.wait_for(timeout=30_000)
         # the cards load their thumbnail through fetch into blob: URLs; wait until every card's picture has decoded
@@ -229,6 +233,7 @@ def test_templates_browser_shows_human_titles_thumbnails_and_the_demo_first(page
     finally:
         page.remove_listener("response", on_response)
         ui_browser.close_dialogs(page)
+        page.set_viewport_size(viewport)
     assert sorted(titles) == UI_FILES, titles
     thumbs = {path: status for status, path in responses if path.endswith(".jpg")}
     for name in UI_FILES:
@@ -259,24 +264,28 @@ def test_template_runs_as_shipped_when_run_is_pressed(page, screens, name):
 
 
 @pytest.mark.parametrize("name", NEEDS_USER_FILES)
-def test_template_that_needs_your_checkpoint_says_which_file_and_where_it_comes_from(page, object_info, name):
-    """Its Notes name each file the user must provide by its usual name and where it comes from; Run on a fresh host
-    shows an error in the UI that names the input to set, and nothing runs."""
+def test_template_that_needs_your_files_says_which_and_where_they_come_from(page, object_info, name):
+    """Its Notes name each file the user must provide by its usual name, the ComfyUI/models folder it goes in and where
+    it comes from; Run on a fresh host shows an error in the UI that names the first input to set and its file, and
+    nothing runs."""
     with open(twin_of(name)) as f:
         twin = json.load(f)
-    mine = {v for n in twin.values() for v in n["inputs"].values() if isinstance(v, str) and v in USER_FILES}
-    assert build.CKPT in mine, f"{name}: a template that is not run as shipped must be one that needs your checkpoint"
+    needs = build.SPECS[name].get("needs")
+    assert needs, f"{name}: a template that is not run as shipped must say which of the user's files it needs"
+    mine = {(k, v) for n in twin.values() for k, v in n["inputs"].items() if isinstance(v, str) and v in USER_FILES}
+    assert mine == {(inp, f) for inp, f, _ in needs}, (mine, needs)
     text = notes(name)
-    for f in mine:
+    for _, f, folder in needs:
         assert f in text, f"{name}: no Note names {f}"
-    assert "Hugging Face" in text and "ComfyUI/models/checkpoints" in text, text
+        assert f"ComfyUI/models/{folder}" in text, f"{name}: no Note says {f} goes in ComfyUI/models/{folder}"
+    assert "Hugging Face" in text, text
     ui_browser.close_dialogs(page)
     ui_browser.load_ui(page, load(name), name)
     ui_browser.reset_events(page)
     ui_browser.press_run(page)
     shown = ui_browser.error_dialog_text(page)
     ui_browser.close_dialogs(page)
-    assert "ckpt_name" in shown and build.CKPT in shown, shown
+    assert needs[0][0] in shown and needs[0][1] in shown, shown
     assert not page.evaluate("() => window.__idf.executed.length + window.__idf.success.length")
 
 
@@ -295,7 +304,8 @@ def test_no_template_names_a_file_a_fresh_install_lacks(object_info, name):
                     assert v in USER_FILES, f"{name}: node {nid} ({node['class_type']}).{inp} = {v!r} is in no list"
 
 
-@pytest.mark.parametrize("name,node", [(DEMO, "3"), (build.ui_name("idfusion_synthetic_two_identities"), "5")])
+@pytest.mark.parametrize("name,node", [(DEMO, "3"), (build.ui_name("idfusion_synthetic_two_identities"), "5")]
+                         + ([(build.FLUX_DEMO, "3")] if build.FLUX_DEMO in build.SPECS else []))
 def test_a_missing_reference_stops_the_whole_prompt_with_an_error_in_the_ui(page, server, screens, name, node):
     """A reference the host does not have (a renamed or deleted file): Run shows an error naming it and NOTHING runs,
     not even the branches that do not use it (every output depends on every reference)."""

@@ -163,3 +163,47 @@ def test_tiny_base_model_is_patchable_and_trains_an_adapter_step(tmp_path):
     with torch.inference_mode():
         pooled.run()
     assert np.isfinite(pooled.losses[0][1])
+
+
+def test_the_dit_family_is_comfyuis_flux_class_on_the_flow_schedule_with_an_x0_output(tmp_path):
+    """synthetic.build_patcher(architecture="flux"): ComfyUI's own Flux class (so the Flux glue takes it) on
+    ComfyUI's flow schedule x_t = sigma * noise + (1 - sigma) * x0, whose network outputs x0 (the trainer's loss is then
+    the plain x0 error); the file keeps the config under dit_config and loads back the same network."""
+    import random_models
+    import comfy.model_sampling as cms
+    from comfy.ldm.flux.model import Flux
+    from idfusion_pack.idfusion import patch_flux
+    from idfusion_pack.idfusion.train import _loss_weight
+    cfg = synthetic.flux_config(3 * D.FACTOR ** 2, hidden=32, heads=2, depth=1, depth_single=1)
+    assert sum(cfg["axes_dim"]) == 16 and cfg["patch_size"] == 1
+    patcher = synthetic.build_patcher(cfg, prediction="x0", architecture="flux")
+    assert type(patcher.model.diffusion_model) is Flux and patch_flux.is_flux(patcher)
+    ms = patcher.get_model_object("model_sampling")
+    assert isinstance(ms, cms.ModelSamplingFlux) and isinstance(ms, cms.CONST)
+    g = torch.Generator().manual_seed(0)
+    x0, noise, out = (torch.randn(2, 4, 3, 3, generator=g) for _ in range(3))
+    sigma = torch.tensor([0.25, 0.75])
+    s4 = sigma.view(-1, 1, 1, 1)
+    torch.testing.assert_close(ms.noise_scaling(s4, noise, x0), s4 * noise + (1 - s4) * x0)
+    assert torch.equal(ms.calculate_denoised(sigma, out, noise), out)
+    assert torch.equal(_loss_weight(ms, sigma), torch.ones(2))
+    with pytest.raises(AdapterError, match="prediction"):
+        synthetic.build_patcher(cfg, prediction="v", architecture="flux")
+    flow = synthetic.build_patcher(cfg, prediction="flow", architecture="flux").get_model_object("model_sampling")
+    x_t = ms.noise_scaling(s4, noise, x0)
+    torch.testing.assert_close(flow.calculate_denoised(sigma, noise - x0, x_t), x0)   # Flux's own velocity output
+
+    random_models.randomize_(patcher.model.diffusion_model, 2)
+    state = patcher.model.diffusion_model.state_dict()
+    clip = synthetic.make_clip(D.vocabulary(), cfg["context_in_dim"], 16)
+    path = str(tmp_path / "flux_synthetic.safetensors")
+    synthetic.save(path, cfg, state, clip.cond_stage_model.state_dict(), D.vocabulary(), 16,
+                   synthetic.PixelCodec(D.POOL, D.FACTOR), {"prediction": "x0"}, dtype=torch.float32, architecture="flux")
+    if patch_flux.missing_hooks() is not None:   # 0.3.52: its Flux cannot fold patch-1 outputs; the loader says so
+        with pytest.raises(AdapterError, match="0.3.75 or newer"):
+            synthetic.load(path)
+        return
+    loaded = synthetic.load(path)[0]
+    for k, v in loaded.model.diffusion_model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert isinstance(loaded.get_model_object("model_sampling"), cms.X0)

@@ -40,9 +40,20 @@ SCALES = {
     "cpu": dict(base_steps=2400, base_batch=16, channels=64, pred="x0", train_ids=2000, pool=(6000, 1500),
                 then=[(2000, 5e-4, "min-snr-5")],
                 per_id=3, adapter_steps=6000, adapter_batch=16, samples=256, eval_steps=16),
+    # the DiT family (issue 19): ComfyUI's Flux class at width 192 (2 double + 4 single blocks, 5.2 M parameters) on
+    # the same pictures and captions and Flux's flow schedule, with an x0 output as the UNet's (3000 steps with Flux's
+    # velocity output left every token grainy); a shorter adapter and half the evaluation pictures than the UNet
+    # (CPU time: one base step 0.55 s at batch 16 against the UNet's 0.3 s)
+    "flux-cpu": dict(arch="flux", hidden=192, heads=6, depth=2, depth_single=4, base_steps=3000, base_batch=16,
+                     base_lr=5e-4, pred="x0", weighting="flow-min-snr-5", train_ids=2000, pool=(6000, 1500), then=[],
+                     per_id=3, adapter_steps=2000, adapter_batch=16, samples=128, eval_steps=16),
+    "flux-smoke": dict(arch="flux", hidden=64, heads=2, depth=1, depth_single=1, base_steps=20, base_batch=4,
+                       base_lr=5e-4, pred="x0", weighting="flow-min-snr-5", train_ids=16, pool=(64, 16), then=[],
+                       per_id=2, adapter_steps=4, adapter_batch=4, samples=4, eval_steps=3),
     "smoke": dict(base_steps=20, base_batch=4, channels=32, pred="x0", train_ids=16, pool=(64, 16), then=[(10, 5e-4, "min-snr-5")],
                   per_id=2, adapter_steps=4, adapter_batch=4, samples=4, eval_steps=3),   # wiring check only
 }
+OFFICIAL = {"cpu": "make synthetic", "flux-cpu": "make synthetic-flux"}   # scales whose files ship in models/ and docs/
 CFG = 3.0
 SEED = 0
 
@@ -84,11 +95,22 @@ def render_pool(s, seed):
 def base_settings(s):
     import domain as D
     from idfusion_pack.idfusion import synthetic
-    unet = synthetic.unet_config(3 * D.FACTOR ** 2, D.SIZE // D.FACTOR, s["channels"])
-    return {"base_steps": s["base_steps"], "base_batch": s["base_batch"], "prediction": s["pred"], "unet": unet,
-            "codec": {"pool": D.POOL, "factor": D.FACTOR}, "text": {"dim": unet["context_dim"], "length": 16},
-            "vocabulary": D.vocabulary(), "lr": 1e-3, "ema": 0.999, "seed": SEED, "train_ids": s["train_ids"],
-            "pool": s["pool"], "domain": "continuous-v1"}
+    flux = s.get("arch") == "flux"
+    if flux:
+        unet = synthetic.flux_config(3 * D.FACTOR ** 2, s["hidden"], s["heads"], s["depth"], s["depth_single"])
+    else:
+        unet = synthetic.unet_config(3 * D.FACTOR ** 2, D.SIZE // D.FACTOR, s["channels"])
+    out = {"base_steps": s["base_steps"], "base_batch": s["base_batch"], "prediction": s["pred"], "unet": unet,
+           "codec": {"pool": D.POOL, "factor": D.FACTOR}, "text": {"dim": unet.get("context_dim", unet.get("context_in_dim")), "length": 16},
+           "vocabulary": D.vocabulary(), "lr": s.get("base_lr", 1e-3), "ema": 0.999, "seed": SEED,
+           "train_ids": s["train_ids"], "pool": s["pool"], "domain": "continuous-v1"}
+    if flux:   # only then: the UNet's settings (and so its cache key) stay what they were
+        out.update(architecture="flux", weighting=s["weighting"])
+    return out
+
+
+def architecture(settings) -> str:
+    return settings.get("architecture", "unet")
 
 
 def loss_weight(sigma: torch.Tensor, weighting: str) -> torch.Tensor:
@@ -100,6 +122,10 @@ def loss_weight(sigma: torch.Tensor, weighting: str) -> torch.Tensor:
         return w
     if weighting == "min-snr-5":
         return w.clamp(max=5.0)
+    if weighting == "flow":   # Flux's flow schedule: x0 error / sigma^2 is the velocity (flow-matching) loss
+        return 1.0 / sigma ** 2
+    if weighting == "flow-min-snr-5":   # the same idea as min-snr-5 on the flow schedule: 1 + SNR, capped at 5
+        return (1.0 + ((1.0 - sigma) / sigma) ** 2).clamp(max=5.0)
     raise ValueError(f"unknown loss weighting {weighting!r}")
 
 
@@ -132,18 +158,31 @@ def train_base(s, work, device):
                     {k[5:]: v for k, v in tensors.items() if k.startswith("text.")}, settings)
     torch.manual_seed(SEED)
     unet = settings["unet"]
-    patcher = synthetic.build_patcher(unet, prediction=s["pred"])
+    flux = architecture(settings) == "flux"
+    patcher = synthetic.build_patcher(unet, prediction=s["pred"], architecture=architecture(settings))
     vocab = settings["vocabulary"]
     text = synthetic.WordEncoder(len(vocab), settings["text"]["dim"], settings["text"]["length"]).to(device)
     if state is None:
         from random_models import randomize_
         randomize_(patcher.model.diffusion_model, SEED)
+        dm = patcher.model.diffusion_model
         with torch.no_grad():   # a zero output layer: the untrained model predicts the mean, a stable start
-            for p in patcher.model.diffusion_model.out[-1].parameters():
-                p.zero_()
+            if flux:   # DiT's adaLN-zero start too: zero modulation, every block starts as the identity
+                zero = [m for n, m in dm.named_modules() if n.endswith(("mod.lin", "modulation.lin", "adaLN_modulation.1"))]
+                zero.append(dm.final_layer.linear)
+            else:
+                zero = [dm.out[-1]]
+            for m in zero:
+                for p in m.parameters():
+                    p.zero_()
     else:
         patcher.model.diffusion_model.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("unet.")})
         text.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("text.")})
+    if flux:   # Flux's blocks add into their input in place: the pack's wrapper keeps what backward needs
+        import comfy.model_management as mm
+        from idfusion_pack.idfusion import patch_flux
+        patcher = patch_flux.trainable(patcher)
+        mm.load_models_gpu([patcher])
     model = patcher.model.to(device)
     tok = synthetic.WordTokenizer(tokenizer_data={"vocabulary": vocab, "length": settings["text"]["length"]})
     tokens = lambda texts: torch.tensor([[p[0] for p in tok.tokenize_with_weights(t)["words"][0]] for t in texts])
@@ -158,7 +197,7 @@ def train_base(s, work, device):
     B = s["base_batch"]
     for phase in range(done + 1, len(phases)):
         ph = phases[phase]
-        steps, lr, weighting = ((ph["base_steps"], ph["lr"], "v") if phase == 0 else
+        steps, lr, weighting = ((ph["base_steps"], ph["lr"], ph.get("weighting", "v")) if phase == 0 else
                                 (ph["then"][-1]["steps"], ph["then"][-1]["lr"], ph["then"][-1]["weighting"]))
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         ema = [p.detach().clone() for p in params]
@@ -175,7 +214,7 @@ def train_base(s, work, device):
             texts = [caps[i] if torch.rand(1, generator=g) > 0.1 else "" for i in idx.tolist()]   # 10% unconditional
             ctx = text(tokens(texts).to(device))
             t = torch.randint(0, 1000, (x0.shape[0],), generator=g).float()
-            sigma = ms.sigma(t).to(device)
+            sigma = (patch_flux.train_sigma(ms, t) if flux else ms.sigma(t)).to(device)
             noise = torch.randn(x0.shape, generator=g).to(device)
             denoised = model.apply_model(ms.noise_scaling(sigma.view(-1, 1, 1, 1), noise, x0), sigma, c_crossattn=ctx)
             loss = (((denoised - x0) ** 2) * loss_weight(sigma, weighting).view(-1, 1, 1, 1)).mean()
@@ -204,12 +243,12 @@ def train_base(s, work, device):
 def ship_base(path, unet_state, text_state, settings, figures=None):
     from idfusion_pack.idfusion import synthetic
     info = {"prediction": settings["prediction"],
-            "training": {k: settings[k] for k in ("base_steps", "base_batch", "lr", "ema", "then") if k in settings},
+            "training": {k: settings[k] for k in ("base_steps", "base_batch", "lr", "ema", "weighting", "then") if k in settings},
             "seed": str(SEED), "rebuild": "make synthetic"}
     if figures:
         info["figures"] = figures
     synthetic.save(path, settings["unet"], unet_state, text_state, settings["vocabulary"], settings["text"]["length"],
-                   synthetic.PixelCodec(**settings["codec"]), info)
+                   synthetic.PixelCodec(**settings["codec"]), info, architecture=architecture(settings))
 
 
 # ---- stage 3: adapter --------------------------------------------------------------------------
@@ -302,6 +341,8 @@ class Generator:
         self.D, self.patcher, self.clip, self.codec, self.adapter, self.steps = D, patcher, clip, codec, adapter, steps
         self.cfg, self.uncond, self.weight = cfg, uncond, weight
         self.reference_tokens = "all"
+        from idfusion_pack.idfusion import patch_flux
+        self.flux = patch_flux.is_flux(patcher)
         self.nodes = {k: v() for k, v in idfusion_pack.NODE_CLASS_MAPPINGS.items()}
 
     def identity(self, drawings: list[np.ndarray], name="ref"):
@@ -331,10 +372,11 @@ class Generator:
             latent = D.to_latent(init.float())
         else:
             latent = torch.zeros(len(captions), 3 * D.FACTOR ** 2, D.SIZE // D.FACTOR, width // D.FACTOR)
+        extra = {"pooled_output": None} if self.flux else {}   # model_base.Flux reads it (None: the word encoder has none)
         with torch.inference_mode():
             noise = comfy.sample.prepare_noise(latent, seed)
-            pos = [[self.encode_text(captions), {}]]
-            neg = [[self.encode_text([""]), {}]]
+            pos = [[self.encode_text(captions), dict(extra)]]
+            neg = [[self.encode_text([""]), dict(extra)]]
             x = comfy.sample.sample(model, noise, self.steps, self.cfg, "euler", "normal", pos, neg, latent,
                                     denoise=denoise, seed=seed, disable_pbar=True)
             pictures = self.codec.decode(x).movedim(-1, 1)
@@ -875,6 +917,84 @@ def write_report(out: dict, path: str, command: str):
     write_text_atomic(path, "\n".join(L))
 
 
+def write_families(report: str):
+    """docs/synthetic/families.md: the two families' figures side by side, each from its own results file (its own
+    run; each column's n is its own). Rewritten after every official run; a family not yet built is left out."""
+    import domain as D
+    runs = {}
+    for scale, label in (("cpu", "UNet"), ("flux-cpu", "Flux DiT")):
+        path = os.path.join(report, f"results_{scale}.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                runs[label] = json.load(f)
+    if not runs:
+        return
+    rows = []   # (measure, target, {family: text})
+
+    def row(name, target, get):
+        cells = {}
+        for label, out in runs.items():
+            try:
+                cells[label] = get(out)
+            except (KeyError, TypeError, ZeroDivisionError):
+                cells[label] = "-"
+        rows.append((name, target, cells))
+
+    cal = "base model img2img, denoise 0.5"
+    row("instrument: retrieval on the base model's own img2img (calibration)", "-",
+        lambda o: pct(o["calibration"][cal]["retrieval"]))
+    row("instrument: eyes ΔE on the base model's own img2img", "-", lambda o: mse(o["calibration"][cal]["eyes"]))
+    row("shipped defaults (chosen on validation identities)", "-",
+        lambda o: "CFG {cfg}, `{uncond}`, weight {weight}".format(**o["sweep"]["chosen"]))
+    row("retrieval among 100 fresh candidates, with the adapter", "≥ 90%",
+        lambda o: f"{pct(o['results']['transfer']['retrieval with adapter'])} (n = {o['results']['transfer']['pictures']})")
+    row("retrieval without the adapter", "≤ 3%", lambda o: pct(o["results"]["transfer"]["retrieval without adapter"]))
+    for k in ["skin", "hair", "eyes"] + list(D.GEOMETRY):
+        row(f"{k} error, with / without the adapter", "≤ 25%" if k in D.COLOURS else "≤ 30%",
+            lambda o, k=k: f"{100 * o['results']['transfer']['error ratio'][k]:.0f}%")
+    row("extrapolation: closer to the reference than to any training identity", "≥ 80%",
+        lambda o: pct(o["results"]["extrapolation"]["closer to the reference than to any training identity"]))
+    row("extrapolation: hair hue read inside the unseen band", "-",
+        lambda o: pct(o["results"]["extrapolation"]["hair hue read inside the band"]))
+    for k in ("expression", "pose"):
+        row(f"{k} follows the caption: with the adapter / base model", "≥ base − 2 points",
+            lambda o, k=k: f"{pct(o['results']['transfer']['scene with adapter'][f'{k} follows caption'])} / "
+                           f"{pct(o['results']['transfer']['scene without adapter (base model)'][f'{k} follows caption'])}")
+        row(f"copy-paste of the reference's {k}: with / base model", "≤ base + 2 points",
+            lambda o, k=k: f"{pct(o['results']['transfer']['scene with adapter'][f'{k} copied from reference'])} / "
+                           f"{pct(o['results']['transfer']['scene without adapter (base model)'][f'{k} copied from reference'])}")
+    row("background follows the caption", "≥ 99%",
+        lambda o: pct(o["results"]["transfer"]["scene with adapter"]["background follows caption"]))
+    row("flat-region noise, with / without", "≤ 1.1×", lambda o: f"{o['results']['transfer']['flat-region noise']['ratio']:.2f}×")
+    for name in ("jitter past the training range", "pixel noise sd 12", "background outside the set"):
+        row(f"nuisance in the reference, {name}: cost in retrieval", "≤ 5 points",
+            lambda o, n=name: "{:+.1f} ± {:.1f} points".format(
+                100 * o["results"]["nuisance"][n]["cost against clean references"]["diff"],
+                100 * o["results"]["nuisance"][n]["cost against clean references"]["se"]))
+    row("two identities with masks: own / partner", "≥ 95% / ≤ 2%",
+        lambda o: f"{pct(o['results']['two identities']['half shows its own'])} / "
+                  f"{pct(o['results']['two identities']['half shows the partner'])}")
+    row("three references against one", "≥ +2 SE",
+        lambda o: f"{pct(o['results']['three references']['three'])} against {pct(o['results']['three references']['one'])} "
+                  f"({o['results']['three references']['three minus one']['in_se']:+.1f} SE)")
+    row("adapter training", "-", lambda o: f"{o['adapter_training']['steps']} steps, batch {o['adapter_training']['batch']}")
+    row("stage times, s (base, adapter, calibration, sweep, evaluation)", "-",
+        lambda o: ", ".join(str(o["seconds"].get(k, "-")) for k in ("base", "adapter", "calibration", "sweep", "evaluation")))
+    labels = list(runs)
+    L = ["# The two model families on the synthetic domain, side by side", "",
+         "Generated by `benchmarks/synthetic/run.py` (`make synthetic`, `make synthetic-flux`) from each family's own "
+         "results file in this folder: the same domain, training identities, instrument (renderer fit, calibrated in "
+         "each run), evaluation code, seeds and targets; each family's shipped defaults chosen on validation identities "
+         "by the same rule. The DiT is ComfyUI's own Flux class (`comfy.ldm.flux.model.Flux`) at a tiny width. ± is one "
+         "standard error; n is each run's own; a stage reused from the cache shows its reuse time.", "",
+         "| measure | target | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
+    for name, target, cells in rows:
+        L.append(f"| {name} | {target} | " + " | ".join(cells[l] for l in labels) + " |")
+    L += ["", "Runs: " + "; ".join(f"{l}: {o['date']}, {o['device']}, torch {o['torch']}, ComfyUI {o['comfyui']}, report "
+                                   f"`report_{o['scale']}.md`" for l, o in runs.items()), ""]
+    write_text_atomic(os.path.join(report, "families.md"), "\n".join(L))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", choices=list(SCALES), default="cpu")
@@ -897,16 +1017,21 @@ def main(argv=None):
     import domain as D
     from idfusion_pack.idfusion import synthetic
     s = SCALES[args.scale]
-    official = args.scale == "cpu"
+    official = args.scale in OFFICIAL
+    flux = s.get("arch") == "flux"
     models = args.models or (os.path.join(ROOT, "models") if official else os.path.join(args.work, "models"))
     report = args.report or (os.path.join(ROOT, "docs", "synthetic") if official else os.path.join(args.work, "report"))
     for d in (args.work, report, os.path.join(models, "idfusion")):
         os.makedirs(d, exist_ok=True)
-    base_path = os.path.join(models, "synthetic_faces.safetensors")
-    adapter_path = os.path.join(models, "idfusion", "synthetic_faces_adapter.safetensors")
+    stem = "synthetic_faces_flux" if flux else "synthetic_faces"
+    base_path = os.path.join(models, f"{stem}.safetensors")
+    adapter_path = os.path.join(models, "idfusion", f"{stem}_adapter.safetensors")
+    command = OFFICIAL.get(args.scale) or f"benchmarks/synthetic/run.py --scale {args.scale}"
     t0 = time.time()
     timings = {}
     train_ids = D.identities("training", s["train_ids"])
+    if args.stage == "token-budget" and flux:
+        raise SystemExit("the token-budget stage is run on the UNet family (--scale cpu)")
     if args.stage == "token-budget":   # on top of a finished run: its shipped files and results stay as they are
         from idfusion_pack.idfusion.adapter import IDFusionAdapter
         patcher, clip, codec, _ = synthetic.load(base_path)
@@ -918,8 +1043,7 @@ def main(argv=None):
         out["token budget"] = token_budget_study(s, gen, args.work, train_ids, key(base_phases(s)[-1]), adapter)
         out["seconds"]["token budget"] = round(time.time() - t0)
         write_text_atomic(path, json.dumps(out, indent=1))
-        write_report(out, os.path.join(report, f"report_{args.scale}.md"),
-                     "make synthetic" if official else f"benchmarks/synthetic/run.py --scale {args.scale}")
+        write_report(out, os.path.join(report, f"report_{args.scale}.md"), command)
         log(f"token budget study done in {time.time() - t0:.0f}s: {path}")
         return
     unet_state, text_state, settings = train_base(s, args.work, device)
@@ -946,8 +1070,7 @@ def main(argv=None):
            "seconds": {k: round(v) for k, v in timings.items()}}
     path = os.path.join(report, f"results_{args.scale}.json")
     write_text_atomic(path, json.dumps(out, indent=1))
-    write_report(out, os.path.join(report, f"report_{args.scale}.md"),
-                 "make synthetic" if official else f"benchmarks/synthetic/run.py --scale {args.scale}")
+    write_report(out, os.path.join(report, f"report_{args.scale}.md"), command)
     # the measured figures travel with the shipped files
     t = res["transfer"]
     figures = {"date": out["date"], "retrieval_chance": 0.01, "n": t["pictures"],
@@ -957,7 +1080,10 @@ def main(argv=None):
                "report": "docs/synthetic_identity.md"}
     ship_base(base_path, unet_state, text_state, settings, figures)
     ship_adapter(src, adapter_path, train_info, figures, sweep_out["chosen"])
-    ship_references(os.path.join(ROOT, "workflows", "assets", "synthetic") if official else os.path.join(models, "references"))
+    if official:
+        write_families(report)
+    if not flux:   # the DiT family is measured on the same shipped references
+        ship_references(os.path.join(ROOT, "workflows", "assets", "synthetic") if official else os.path.join(models, "references"))
     log(f"done in {time.time() - t0:.0f}s: {path}")
 
 
