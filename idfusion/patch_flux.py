@@ -121,10 +121,10 @@ def check(obj, model_patcher, what: str = "Adapter"):
     label = f" {_label(obj)}" if what == "Identity" else ""
     if any(l.key[0] not in KINDS for l in obj.layers):
         raise AdapterError(f"{what}{label} was made for {obj.family} (a UNet, {len(obj.layers)} attn2 layers) but the "
-                           f"model is {fam} (a Flux DiT, {len(layers)} blocks): pick a {what.lower()} made for this "
+                           f"model is {fam} (a Flux DiT, {len(layers)} blocks): pick an {what.lower()} made for this "
                            f"Flux model, or a {obj.family} checkpoint.")
     raise AdapterError(f"{what}{label} was made for {obj.family} with {_describe(obj.layers)} but the model is {fam} "
-                       f"with {_describe(layers)}: pick a {what.lower()} made for this model.")
+                       f"with {_describe(layers)}: pick an {what.lower()} made for this model.")
 
 
 def _label(identity) -> str:
