@@ -342,6 +342,7 @@ def load(path: str):
                            "with `make synthetic`.")
     unet_state = {k[5:]: v.float() for k, v in tensors.items() if k.startswith("unet.")}
     text_state = {k[5:]: v.float() for k, v in tensors.items() if k.startswith("text.")}
+    _check_config_matches_tensors(unet, architecture, unet_state, path)   # before any real weight is allocated
     try:
         emb = text_state["emb.weight"]
         clip = make_clip(vocabulary, emb.shape[1], length, text_state)
@@ -352,6 +353,48 @@ def load(path: str):
     if architecture == "flux":
         _check_host_runs_patch_1(patcher, path)
     return patcher, clip, codec, meta
+
+
+MAX_CONFIG_INT = 1 << 16   # no width, depth or size of this family comes near it
+
+
+def _check_config_matches_tensors(config: dict, architecture: str, state: dict, path: str):
+    """The network the metadata describes, built on the meta device (no memory), must have exactly the file's tensor
+    names and shapes: a file whose config claims a far larger network than its tensors is refused before anything is
+    allocated. Integers are bounded first so that even the meta build stays small."""
+    import comfy.ops
+
+    def ints(v):
+        if isinstance(v, bool):
+            return
+        if isinstance(v, int):
+            yield v
+        elif isinstance(v, (list, tuple)):
+            if len(v) > 64:
+                yield len(v) * MAX_CONFIG_INT
+            for x in v:
+                yield from ints(x)
+    if any(abs(i) > MAX_CONFIG_INT for v in config.values() for i in ints(v)):
+        raise AdapterError(f"'{path}': its network config has a value over {MAX_CONFIG_INT} (or a list over 64 long); "
+                           "the file is damaged or not a synthetic_faces model: rebuild it with `make synthetic`.")
+    kw = {k: v for k, v in config.items() if k not in ("dtype", "image_model")}
+    try:
+        with torch.device("meta"):
+            if architecture == "flux":
+                from comfy.ldm.flux.model import Flux
+                net = Flux(operations=comfy.ops.disable_weight_init, device="meta", dtype=torch.float32, **kw)
+            else:
+                from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+                net = UNetModel(operations=comfy.ops.disable_weight_init, device="meta", dtype=torch.float32, **kw)
+        want = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    except (TypeError, ValueError, KeyError, AssertionError, RuntimeError, ZeroDivisionError) as e:
+        raise AdapterError(f"'{path}': its network config cannot be built ({str(e).splitlines()[0][:200]}); rebuild it "
+                           "with `make synthetic`.") from None
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if want != got:
+        diff = sorted(set(want) ^ set(got)) or [k for k in want if want[k] != got[k]]
+        raise AdapterError(f"'{path}': its tensors do not match its network config (first differences: {diff[:3]}); "
+                           "rebuild it with `make synthetic`.")
 
 
 def _check_host_runs_patch_1(patcher, path: str):

@@ -121,7 +121,7 @@ def test_text_encoder_names_unknown_words(shipped):
 
 
 @pytest.mark.parametrize("damage", ["nan", "no_unet_config", "bad_json", "wrong_codec", "missing_tensor",
-                                    "unknown_architecture", "dit_config_on_unet"])
+                                    "unknown_architecture", "dit_config_on_unet", "huge_config", "wider_config"])
 def test_damaged_model_file_is_refused_naming_it(tmp_path, damage):
     tensors, meta = read_safetensors(BASE, synthetic.FORMAT, "synthetic_faces model")
     meta, tensors = dict(meta), dict(tensors)
@@ -132,6 +132,12 @@ def test_damaged_model_file_is_refused_naming_it(tmp_path, damage):
         del meta["unet_config"]
     elif damage == "bad_json":
         meta["text_encoder"] = "{not json"
+    elif damage == "huge_config":   # a network far past any memory: refused before anything is allocated
+        cfg = json.loads(meta["unet_config"])
+        meta["unet_config"] = json.dumps({**cfg, "model_channels": 10 ** 7})
+    elif damage == "wider_config":   # a plausible config that is not the one the tensors were trained with
+        cfg = json.loads(meta["unet_config"])
+        meta["unet_config"] = json.dumps({**cfg, "model_channels": 4096})
     elif damage == "unknown_architecture":
         meta["architecture"] = "sd3"
     elif damage == "dit_config_on_unet":   # a UNet's weights with the DiT's metadata
@@ -143,8 +149,11 @@ def test_damaged_model_file_is_refused_naming_it(tmp_path, damage):
         del tensors[next(k for k in tensors if k.startswith("unet."))]
     path = tmp_path / f"damaged_{damage}.safetensors"
     save_safetensors_atomic(tensors, str(path), meta)
-    with pytest.raises(AdapterError, match=f"damaged_{damage}"):
+    with pytest.raises(AdapterError, match=f"damaged_{damage}") as e:
         synthetic.load(str(path))
+    # the config is checked against the tensors on the meta device, before the real network is built
+    why = {"huge_config": "over 65536", "wider_config": "do not match its network config"}.get(damage)
+    assert why is None or why in str(e.value), str(e.value)
 
 
 def reduced_evaluation(gen, identities, use_reference, with_identity=True, per_identity=2, seed=124_000):
