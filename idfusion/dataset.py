@@ -127,8 +127,10 @@ class FaceDataset:
     def _square(self, im: Image.Image, size: int) -> Image.Image:
         return ImageOps.fit(im, (size, size), method=Image.BICUBIC, centering=(0.5, 0.5))
 
-    def load(self, index: int, generator: torch.Generator, same_image_reference: bool = False) -> dict:
-        """image (H, W, 3) float in [0, 1], caption, mask (H, W) or None, reference (h, w, 3)."""
+    def load(self, index: int, generator: torch.Generator, same_image_reference: bool = False,
+             augment: dict | None = None) -> dict:
+        """image (H, W, 3) float in [0, 1], caption, mask (H, W) or None, reference (h, w, 3); `augment` (shift,
+        noise, background: TrainConfig.augmentation) changes the reference only."""
         s = self.samples[index]
         with Image.open(s.image) as im:
             image = self._square(to_rgb(ImageOps.exif_transpose(im)), self.resolution)
@@ -141,11 +143,19 @@ class FaceDataset:
             j = others[int(torch.randint(len(others), (1,), generator=generator))]
             with Image.open(self.samples[j].image) as im:
                 reference = self._square(to_rgb(ImageOps.exif_transpose(im)), self.reference_resolution)
+            ref_mask = None
+            if self.samples[j].mask and augment and augment.get("background"):
+                with Image.open(self.samples[j].mask) as m:
+                    ref_mask = self._square(to_l(m), self.reference_resolution)
         else:
             reference = self._face_crop(image, mask, generator)
+            ref_mask = None   # the crop's own mask would need the same crop: no background change here
         to = lambda im: torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)
+        ref = to(reference)
+        if augment and any(augment.values()):   # no draws otherwise: runs without it stay bit for bit as before
+            ref = augment_reference(ref, to(ref_mask) if ref_mask is not None else None, generator, **augment)
         return {"image": to(image), "caption": s.caption, "mask": to(mask) if mask is not None else None,
-                "reference": to(reference), "identity": s.identity}
+                "reference": ref, "identity": s.identity}
 
     def _face_crop(self, image: Image.Image, mask: Image.Image | None, generator: torch.Generator) -> Image.Image:
         """The sample's own face region, jittered in position and scale (augmentation), flipped at random."""
@@ -160,3 +170,25 @@ class FaceDataset:
         crop = image.crop((int(cx - side / 2), int(cy - side / 2), int(cx + side / 2), int(cy + side / 2)))
         crop = crop.resize((self.reference_resolution, self.reference_resolution), Image.BICUBIC)
         return ImageOps.mirror(crop) if r[3] < 0.5 else crop
+
+
+def augment_reference(ref: torch.Tensor, mask: torch.Tensor | None, generator: torch.Generator, shift: float = 0.0,
+                      noise: float = 0.0, background: float = 0.0) -> torch.Tensor:
+    """ref (H, W, 3) in [0, 1] -> the same, augmented: with chance `background` the pixels outside `mask` (H, W;
+    white = the person) take one random colour; then moved by up to `shift` of its side in x and y (edge pixels
+    repeated, whole pixels); then Gaussian noise of sd `noise` (0-255 units), clipped. Every draw comes from
+    `generator`, so a resumed run draws what an uninterrupted one would."""
+    H, W, _ = ref.shape
+    r = torch.rand(3, generator=generator).tolist()
+    colour = torch.rand(3, generator=generator)
+    if mask is not None and r[0] < background:
+        m = mask[..., None].clamp(0, 1)
+        ref = ref * m + colour * (1 - m)
+    if shift > 0:
+        dy, dx = round((2 * r[1] - 1) * shift * H), round((2 * r[2] - 1) * shift * W)
+        ys = (torch.arange(H) - dy).clamp(0, H - 1)
+        xs = (torch.arange(W) - dx).clamp(0, W - 1)
+        ref = ref[ys][:, xs]
+    if noise > 0:
+        ref = (ref + torch.randn(ref.shape, generator=generator) * (noise / 255.0)).clamp(0, 1)
+    return ref

@@ -55,6 +55,14 @@ class TrainConfig:
     mixed_precision: str = "auto"     # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     gradient_checkpointing: bool = True  # recompute the frozen UNet's block activations in backward instead of storing them
     reference_tokens: str = "all"     # all | pooled: 2x2-pooled h_f at the highest-resolution layers, as Apply's option
+    # reference augmentation (the reference only; the target picture is never changed), so the identity does not
+    # hang on where the face sits, on clean pixels or on the background behind it
+    reference_shift: float = 0.0      # moved by up to this fraction of its side, edge pixels repeated (0-0.5)
+    reference_noise: float = 0.0      # Gaussian pixel noise of this sd, 0-255 units (0-100)
+    reference_background: float = 0.0  # chance the background (outside its *_mask) becomes a random colour (0-1)
+
+    def augmentation(self) -> dict:
+        return {"shift": self.reference_shift, "noise": self.reference_noise, "background": self.reference_background}
 
     def encoding_meta(self) -> dict:
         return {"mode": self.encoding, "timestep": self.timestep, "text": self.reference_text}
@@ -208,6 +216,10 @@ class Trainer:
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
         if config.batch_size % self.world:
             raise ValueError(f"batch_size {config.batch_size} must be divisible by the {self.world} processes.")
+        for name, top in (("reference_shift", 0.5), ("reference_noise", 100.0), ("reference_background", 1.0)):
+            v = getattr(config, name)
+            if not (isinstance(v, (int, float)) and 0.0 <= v <= top):   # NaN fails both comparisons
+                raise ValueError(f"{name} is {v!r}: use a number from 0 to {top:g}.")
         import comfy.model_management as mm
         from .families import glue_for
         self.glue = glue = glue_for(model_patcher)
@@ -331,7 +343,8 @@ class Trainer:
         for r in rows:
             g = _row_generator(self.cfg.seed, step, r)
             i = self._index(step, r)
-            item = self.ds.load(i, g, same_image_reference=self.cfg.reference == "same image")
+            item = self.ds.load(i, g, same_image_reference=self.cfg.reference == "same image",
+                                augment=self.cfg.augmentation())
             if i not in self._latents:
                 self._latents[i] = self._encode(item["image"]).cpu()
             x0 = self._latents[i]

@@ -140,13 +140,13 @@ def region_inside(mask, h, w):
 
 def identity_keys(dm, layer, ident, weight, pooled):
     """K_f (heads, N_f, dh) and V_f of one identity at one block, float64: Eq. 2, then the block's key RMSNorm and
-    RoPE at t = -(1 + r), the reference's own grid (pooled: 2x2 cell centres)."""
+    RoPE at t = -1 for every reference, the reference's own grid (pooled: 2x2 cell centres)."""
     kind, i, _ = layer.key
     norm = (dm.double_blocks[i].img_attn.norm.key_norm if kind == "double" else dm.single_blocks[i].norm.key_norm)
     scale = norm.scale.detach().double().numpy()
     H, dh = layer.heads, layer.inner // layer.heads
     Ks, Vs = [], []
-    for r, (h_f, lat) in enumerate(zip(ident.h_f, ident.latents)):
+    for h_f, lat in zip(ident.h_f, ident.latents):
         hf = h_f[layer.name].double()
         gh, gw = (lat.shape[-2] + 1) // 2, (lat.shape[-1] + 1) // 2
         ys, xs = np.arange(gh, dtype=float), np.arange(gw, dtype=float)
@@ -156,7 +156,7 @@ def identity_keys(dm, layer, ident, weight, pooled):
             gh, gw = (gh + 1) // 2, (gw + 1) // 2
             ys, xs = np.arange(gh) * 2 + 0.5, np.arange(gw) * 2 + 0.5
         hf = hf.numpy()
-        pos = np.stack([np.full(gh * gw, -(1.0 + r)), np.repeat(ys, gw), np.tile(xs, gh)], axis=1)
+        pos = np.stack([np.full(gh * gw, -1.0), np.repeat(ys, gw), np.tile(xs, gh)], axis=1)
         wk, wv = (w.detach().double().numpy() for w in patch_flux_adapter_weights(layer))
         K = (hf @ wk.T).reshape(-1, H, dh).transpose(1, 0, 2)
         V = weight * (hf @ wv.T).reshape(-1, H, dh).transpose(1, 0, 2)

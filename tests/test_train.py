@@ -46,6 +46,63 @@ def test_dataset_skips_unreadable_files_and_pairs_references(dataset_dir):
     assert torch.equal(item["reference"], other)
 
 
+def test_reference_augmentation_changes_only_the_reference_as_configured(dataset_dir):
+    """TrainConfig's reference_background / _shift / _noise (issue 17: the identity must not hang on where the face
+    sits, on clean pixels or on the background): the target picture never changes; the background outside the
+    reference's own mask takes one colour while the person stays; a shift moves whole pixels with edges repeated;
+    noise has the asked sd; no option set draws nothing, so runs without augmentation stay bit for bit."""
+    ds = FaceDataset(str(dataset_dir), 64)
+    idx = 1                                   # ann1: its reference is ann0, which has a mask
+    g = lambda seed=0: torch.Generator().manual_seed(seed)
+    plain = ds.load(idx, g())
+    off = {"shift": 0.0, "noise": 0.0, "background": 0.0}
+    g0 = g()
+    same = ds.load(idx, g0, augment=off)
+    assert torch.equal(same["reference"], plain["reference"])
+    assert torch.equal(g0.get_state(), (lambda gg: (ds.load(idx, gg), gg.get_state())[1])(g()))
+
+    with Image.open(dataset_dir / "ann" / "ann0_mask.png") as m:
+        mask = torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0)
+    bg = ds.load(idx, g(), augment={**off, "background": 1.0})
+    assert torch.equal(bg["image"], plain["image"])
+    person, back = mask > 0.99, mask < 0.01
+    assert torch.equal(bg["reference"][person], plain["reference"][person])
+    colours = bg["reference"][back]
+    assert torch.allclose(colours, colours[:1].expand_as(colours)), "the background is not one colour"
+    assert not torch.allclose(colours, plain["reference"][back])
+
+    moved = []
+    for seed in range(6):
+        shifted = ds.load(idx, g(seed), augment={**off, "shift": 0.25})["reference"]
+        ref = plain["reference"]
+        found = [(dy, dx) for dy in range(-16, 17) for dx in range(-16, 17)
+                 if torch.equal(shifted, ref[(torch.arange(64) - dy).clamp(0, 63)][:, (torch.arange(64) - dx).clamp(0, 63)])]
+        assert found, f"seed {seed}: not a whole-pixel shift of at most 16 px with edges repeated"
+        moved.append(found[0] != (0, 0))
+    assert sum(moved) >= 4, moved
+
+    noisy = ds.load(idx, g(), augment={**off, "noise": 12.0})["reference"]
+    ref = plain["reference"]
+    mid = (ref > 0.2) & (ref < 0.8)
+    assert (noisy - ref)[mid].std().item() * 255 == pytest.approx(12.0, rel=0.15)
+    assert torch.equal(noisy, ds.load(idx, g(), augment={**off, "noise": 12.0})["reference"])
+
+
+@pytest.mark.parametrize("name,value", [("reference_shift", float("nan")), ("reference_shift", 0.6),
+                                        ("reference_noise", -1.0), ("reference_background", 1.5)])
+def test_trainer_refuses_augmentation_out_of_range_naming_it(sd15, parts, dataset_dir, tmp_path, name, value):
+    with pytest.raises(ValueError, match=name):
+        _trainer(sd15, parts, FaceDataset(str(dataset_dir), 64), tmp_path, "bad", **{name: value})
+
+
+def test_augmented_training_batches_carry_the_augmented_reference(sd15, parts, dataset_dir, tmp_path):
+    ds = FaceDataset(str(dataset_dir), 64)
+    plain = _trainer(sd15, parts, ds, tmp_path / "a", "a")._batch(0)
+    aug = _trainer(sd15, parts, ds, tmp_path / "b", "b", reference_background=1.0, reference_shift=0.2)._batch(0)
+    assert torch.equal(aug["x0"], plain["x0"])
+    assert not torch.equal(aug["ref"], plain["ref"])
+
+
 def _trainer(sd15, parts, ds, out, name, **kw):
     clip, vae = parts
     cfg = TrainConfig(**{"steps": 3, "batch_size": 2, "lr": 1e-3, "save_every": 1, "seed": 7, "init": "random",

@@ -284,9 +284,10 @@ def train_adapter(s, work, patcher, clip, codec, train_idents, base_key, referen
                       reference_dropout=0.1, face_loss_weight=1.0, encoding="cached", timestep=0,
                       gradient_checkpointing=False,  # 96 px: memory is no concern, recompute would cost time
                       **({"reference_tokens": reference_tokens} if reference_tokens != "all" else {}))
-    settings = {"cfg": cfg.__dict__, "ids": len(train_idents), "per_id": s["per_id"], "base": base_key, "v": 3}
-    if reference_tokens == "all":   # the key of an all-tokens run stays what it was before the option existed
-        settings["cfg"] = {k: v for k, v in cfg.__dict__.items() if k != "reference_tokens"}
+    # options added after the shipped run enter the key only when set, so its key (and cache) stays what it was
+    later = {"reference_tokens": "all", "reference_shift": 0.0, "reference_noise": 0.0, "reference_background": 0.0}
+    settings = {"cfg": {k: v for k, v in cfg.__dict__.items() if k not in later or v != later[k]},
+                "ids": len(train_idents), "per_id": s["per_id"], "base": base_key, "v": 3}
     out = os.path.join(work, f"adapter-{key(settings)}")
     data = os.path.join(work, f"adapter-data-{key({'ids': len(train_idents), 'per_id': s['per_id'], 'v': 3})}")
     if not os.path.isdir(data):
@@ -469,6 +470,20 @@ def transfer_inputs(ids, per, seed):
     caps_scenes = [[D.random_scene_from(rng, held_out=True, **{k: ("not", rs[k]) for k in D.SCENE_ATTRS})
                     for _ in range(per)] for rs in ref_scenes]
     return refs, ref_scenes, [[D.caption(sc) for sc in c] for c in caps_scenes], [sc for c in caps_scenes for sc in c]
+
+
+def validation_cell(n_ids, per, seed):
+    """For studies that choose something: VALIDATION identities (never the evaluation ones), the 99 fresh candidates,
+    each picture's true identity, and the transfer cell's draws (transfer_inputs) for them."""
+    import domain as D
+    ids = D.identities("validation", n_ids)
+    return ids, D.identities("candidates", 99), [i for i in ids for _ in range(per)], transfer_inputs(ids, per, seed)
+
+
+def recommended_generator(patcher, clip, codec, adapter, steps):
+    """A Generator with the settings the adapter's metadata recommends (the validation sweep's choice)."""
+    rec = json.loads(adapter.metadata().get("recommended", "{}") or "{}")
+    return Generator(patcher, clip, codec, adapter, steps, **{k: rec[k] for k in ("cfg", "uncond", "weight") if k in rec})
 
 
 def generate(gen, refs, captions, seed0, with_identity=True):
