@@ -21,8 +21,8 @@ Choices (README "Flux"):
 - RoPE positions of reference tokens: time axis t = -1 for every reference of an identity, height and width the
   reference's own token grid from 0 (2x2 pooled tokens at the cell centres). Training puts its one reference there;
   Eq. 6's further references share it (attention over keys is a set, as the UNet's position-free K_f): on validation
-  identities three references read 5.5 points (+2.1 SE) better so than at t = -2, -3 (benchmarks/synthetic/
-  positions_study.py). Flux's image grid sits at t = 0 and
+  identities, three references gave 5.5 points (+2.1 SE) more retrieval so than with the second and third at t = -2,
+  -3 (benchmarks/synthetic/positions_study.py). Flux's image grid sits at t = 0 and
   ComfyUI's ReferenceLatent puts its latents at t >= 0 ("offset"/"uxo": t = 1 or 0 with h/w beyond the image,
   "index": t = 1, 2, ...), text at 0; no token ComfyUI places has a negative t, so identity keys never share a
   position with an image, Kontext or text token.
