@@ -218,6 +218,24 @@ def read_safetensors(path: str, expected_format: str, what: str):
     return dict(read_tensors(path, None, what)), _open(path, what, lambda f: f.metadata() or {})
 
 
+def recommended_settings(path: str) -> dict:
+    """The sampling settings an adapter file recommends: its "recommended" metadata, which `make synthetic` writes
+    from its validation sweep. -> {"cfg", "uncond", "weight", "end_at"} (end_at 1.0 where a file names none)."""
+    name = os.path.basename(path)
+    raw = _open(path, "IDFusion adapter", lambda f: (f.metadata() or {}).get("recommended"))
+    try:
+        rec = json.loads(raw) if isinstance(raw, str) and len(raw) <= MAX_META_FIELD else None
+        out = {"cfg": float(rec["cfg"]), "uncond": str(rec["uncond"]), "weight": float(rec["weight"]),
+               "end_at": float(rec.get("end_at", 1.0))}
+    except (TypeError, ValueError, KeyError, AttributeError):
+        out = None
+    if out is None or out["uncond"] not in ("text only", "identity too") or not (
+            0 < out["cfg"] <= 100 and 0 <= out["weight"] <= 10 and 0 < out["end_at"] <= 1):
+        raise AdapterError(f"The adapter file '{name}' has no usable 'recommended' settings (cfg, uncond, weight, "
+                           f"end_at) in its metadata; rebuild it with `make synthetic`.")
+    return out
+
+
 # ---- checking files before trusting them ------------------------------------------------------------
 MAX_WEIGHT = 1e4         # trained Linear_kf/Linear_vf weights are O(0.01..1); far beyond this means a broken file
 MAX_DIM = 1 << 16        # widest channel count accepted in metadata (SDXL's is 1280)

@@ -41,6 +41,7 @@ class TrainConfig:
     batch_size: int = 1               # global batch: split evenly across DDP processes
     lr: float = 1e-4
     warmup_steps: int = 0
+    lr_decay_steps: int = 0           # the last N of `steps` fall from lr to zero on a half cosine (0: constant)
     save_every: int = 100
     seed: int = 0
     init: str = "attn1"               # zeros | attn1 | random (a fresh adapter)
@@ -202,6 +203,18 @@ def _loss_weight(model_sampling, sigma):
                        f"it trains eps, v, x0 and flow (CONST) models.")
 
 
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """The LR multiplier at `step`: linear warm-up, then constant, then (lr_decay_steps > 0) a half cosine to zero
+    over the last lr_decay_steps. A function of the step and the config only, so a resumed run repeats it."""
+    warm = max(config.warmup_steps, 0)
+    f = min(1.0, (step + 1) / warm) if warm else 1.0
+    n = config.lr_decay_steps
+    if n > 0:
+        into = min(max(step - (config.steps - n), 0), n) / n
+        f *= 0.5 * (1.0 + math.cos(math.pi * into))
+    return f
+
+
 def _row_generator(seed: int, step: int, row: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step * 10_007 + row) % (2 ** 63))
 
@@ -220,6 +233,9 @@ class Trainer:
             v = getattr(config, name)
             if not (isinstance(v, (int, float)) and 0.0 <= v <= top):   # NaN fails both comparisons
                 raise ValueError(f"{name} is {v!r}: use a number from 0 to {top:g}.")
+        if not (isinstance(config.lr_decay_steps, int) and 0 <= config.lr_decay_steps <= config.steps):
+            raise ValueError(f"lr_decay_steps is {config.lr_decay_steps!r}: use a whole number from 0 to steps "
+                             f"({config.steps}).")
         import comfy.model_management as mm
         from .families import glue_for
         self.glue = glue = glue_for(model_patcher)
@@ -249,8 +265,7 @@ class Trainer:
         if self.world > 1:
             self.ddp = nn.parallel.DistributedDataParallel(self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.opt = torch.optim.AdamW(self.adapter.parameters(), lr=config.lr, weight_decay=0.0)
-        warm = max(config.warmup_steps, 0)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, config))
         self.step, self.losses = 0, []
         self.ref_context, self.ref_y, text = glue.text_condition(model_patcher, clip if config.reference_text == "empty" else None)
         self._captions, self._latents = {}, {}

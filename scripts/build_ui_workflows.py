@@ -21,6 +21,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import adapter_settings  # noqa: E402
 import comfy_server  # noqa: E402
 import ui_browser  # noqa: E402
 
@@ -48,23 +49,19 @@ SD_REFERENCE = "reference_face.png"   # the pack's cartoon face, for SD checkpoi
 
 def recommended(adapter: str = "synthetic_faces_adapter.safetensors") -> dict:
     """The sampling settings a shipped synthetic adapter's metadata recommends (chosen by `make synthetic` on
-    validation identities): {"cfg", "uncond", "weight"}. adapter: its file in models/idfusion/."""
-    from safetensors import safe_open
-    path = os.path.join(ROOT, "models", "idfusion", adapter)
-    if not os.path.isfile(path):
-        raise SystemExit(f"{path} is missing: it ships with the pack (`make synthetic` rebuilds it)")
-    with safe_open(path, "pt") as f:
-        meta = f.metadata() or {}
-    if "recommended" not in meta:
-        raise SystemExit(f"{path} has no 'recommended' metadata (cfg, uncond, weight): rebuild it with `make synthetic`")
-    return json.loads(meta["recommended"])
+    validation identities): {"cfg", "uncond", "weight", "end_at"}. adapter: its file in models/idfusion/."""
+    try:
+        return adapter_settings.recommended(os.path.join(ROOT, "models", "idfusion", adapter))
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 def synthetic_demo_values(adapter: str) -> dict:
     """The demo twins' (1 and 9: same node ids) settings, read off the shipped adapter's metadata when the twin is built."""
     rec = recommended(adapter)
     return {"3": {"image": REFERENCE}, "8": {"width": FACE, "height": FACE},
-            "5": {"weight": rec["weight"], "uncond": rec["uncond"]}, "15": {"uncond": rec["uncond"]},
+            "5": {"weight": rec["weight"], "uncond": rec["uncond"], "end_at": rec["end_at"]},
+            "15": {"uncond": rec["uncond"], "end_at": rec["end_at"]},
             "9": {"cfg": rec["cfg"]}, "12": {"cfg": rec["cfg"]}}
 
 
@@ -140,7 +137,8 @@ SPECS = {
         "runs": True,
         "values": {"3": {"image": REFERENCE}, "5": {"image": REFERENCE_2}, "7": {"width": 2 * FACE, "height": FACE},
                    "8": {"width": FACE, "height": FACE}, "10": {"x": FACE}, "15": {"width": 2 * FACE, "height": FACE},
-                   "12": {"weight": REC["weight"], "uncond": REC["uncond"]}, "16": {"cfg": REC["cfg"]}},
+                   "12": {"weight": REC["weight"], "uncond": REC["uncond"], "end_at": REC["end_at"]},
+                   "16": {"cfg": REC["cfg"]}},
         "rows": [[
             ("1. The shipped model and adapter", "The pack's tiny cartoon-faces model and its adapter (no downloads).",
              [["1", "2"]]),

@@ -28,6 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [HERE, os.path.join(ROOT, "benchmarks", "synthetic")]
 
+import adapter_settings  # noqa: E402
 import comfy_server  # noqa: E402
 
 ONE = os.path.join(ROOT, "workflows", "api", "idfusion_synthetic_demo_api.json")
@@ -53,16 +54,11 @@ def by_title(prompt: dict, title: str) -> list[str]:
 
 
 def recommended(adapter_path: str) -> dict:
-    """The settings the adapter's own training run chose ({"cfg", "uncond", "weight"}), from its metadata."""
-    from safetensors import safe_open
-    with safe_open(adapter_path, "pt") as f:
-        meta = f.metadata() or {}
+    """The settings the adapter's own training run chose ({"cfg", "uncond", "weight", "end_at"}), from its metadata."""
     try:
-        rec = json.loads(meta["recommended"])
-        return {"cfg": float(rec["cfg"]), "uncond": str(rec["uncond"]), "weight": float(rec["weight"])}
-    except (KeyError, TypeError, ValueError) as e:
-        raise comfy_server.ComfyServerError(f"{adapter_path} has no usable 'recommended' metadata ({e!r}); rebuild it "
-                                            "with `make synthetic`") from None
+        return adapter_settings.recommended(adapter_path)
+    except ValueError as e:
+        raise comfy_server.ComfyServerError(str(e)) from None
 
 
 def fill(prompt: dict, text: str, seed: int, model: str, adapter: str, rec: dict) -> dict:
@@ -78,7 +74,7 @@ def fill(prompt: dict, text: str, seed: int, model: str, adapter: str, rec: dict
         elif kind == "IDFusionAdapterLoader":
             inputs["adapter_name"] = adapter
         elif kind.startswith("IDFusionApply"):
-            inputs["uncond"] = rec["uncond"]
+            inputs["uncond"], inputs["end_at"] = rec["uncond"], rec["end_at"]
             if inputs.get("weight") != 0.0:   # the weight-0 Apply is the plain model, for comparison
                 inputs["weight"] = rec["weight"]
     return prompt

@@ -21,7 +21,8 @@ import domain as D  # noqa: E402
 import run as R  # noqa: E402  (benchmarks/synthetic/run.py: the report's generator and measuring code)
 
 from idfusion_pack.idfusion import patch_flux, synthetic  # noqa: E402
-from idfusion_pack.idfusion.adapter import AdapterError, IDFusionAdapter, read_safetensors, save_safetensors_atomic  # noqa: E402
+from idfusion_pack.idfusion.adapter import (AdapterError, IDFusionAdapter, read_safetensors,  # noqa: E402
+                                            recommended_settings, save_safetensors_atomic)
 
 MODELS = os.path.join(ROOT, "models")
 # the DiT family's guards, from its shipped files measured the same way (2026-11-30, 2000-step adapter: top-1 50%,
@@ -74,7 +75,24 @@ def test_shipped_files_say_what_they_are(family):
     _, ameta = read_safetensors(f["adapter"], "idfusion.adapter", "adapter")
     assert ameta["family"] == "synthetic_faces" and "figures" in ameta and "training" in ameta
     assert json.loads(meta["figures"])["retrieval"] == json.loads(ameta["figures"])["retrieval"]
-    assert set(json.loads(ameta["recommended"])) == {"cfg", "uncond", "weight"}   # the validation sweep's defaults
+    # the validation sweep's defaults (end_at since the UNet's sweep had end_at rows; 1.0 where a file names none)
+    assert {"cfg", "uncond", "weight"} <= set(json.loads(ameta["recommended"])) <= {"cfg", "uncond", "weight", "end_at"}
+    rec = recommended_settings(f["adapter"])
+    assert rec["uncond"] in ("text only", "identity too") and 0 < rec["end_at"] <= 1, rec
+
+
+@pytest.mark.parametrize("recommended", [None, "not json", '{"cfg": 2.0}', '{"cfg": NaN, "uncond": "text only", "weight": 1}',
+                                         '{"cfg": 2.0, "uncond": "both", "weight": 1}',
+                                         '{"cfg": 2.0, "uncond": "text only", "weight": 1, "end_at": 0}', "[1, 2]"])
+def test_damaged_recommended_settings_are_refused_naming_the_file(tmp_path, recommended):
+    tensors, meta = read_safetensors(FAMILIES["unet"]["adapter"], "idfusion.adapter", "adapter")
+    meta = {k: v for k, v in meta.items() if k != "recommended"}
+    if recommended is not None:
+        meta["recommended"] = recommended
+    path = str(tmp_path / "odd_adapter.safetensors")
+    save_safetensors_atomic(tensors, path, meta)
+    with pytest.raises(AdapterError, match="odd_adapter.safetensors.*recommended"):
+        recommended_settings(path)
 
 
 @pytest.mark.skipif(not OLD_HOST, reason="the old host's message")
@@ -180,8 +198,7 @@ def test_shipped_adapter_copies_faces_it_never_saw(family):
     f = FAMILIES[family]
     patcher, clip, codec, _ = synthetic.load(f["base"])
     adapter = IDFusionAdapter.load(f["adapter"])
-    recommended = json.loads(read_safetensors(f["adapter"], "idfusion.adapter", "adapter")[1]["recommended"])
-    gen = R.Generator(patcher, clip, codec, adapter, steps=16, **recommended)
+    gen = R.Generator(patcher, clip, codec, adapter, steps=16, **recommended_settings(f["adapter"]))
     ids = D.identities("evaluation", 616)[600:]
     candidates = D.identities("candidates", 99)
     got = {}

@@ -14,7 +14,7 @@ from helpers import make_face_dataset
 import idfusion_pack
 from idfusion_pack.idfusion.adapter import IDFusionAdapter
 from idfusion_pack.idfusion.dataset import FaceDataset
-from idfusion_pack.idfusion.train import TrainConfig, Trainer
+from idfusion_pack.idfusion.train import TrainConfig, Trainer, lr_factor
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +108,39 @@ def _trainer(sd15, parts, ds, out, name, **kw):
     cfg = TrainConfig(**{"steps": 3, "batch_size": 2, "lr": 1e-3, "save_every": 1, "seed": 7, "init": "random",
                          "reference_dropout": 0.3, "face_loss_weight": 1.0, **kw})
     return Trainer(sd15, clip, vae, ds, str(out), name, cfg)
+
+
+def test_lr_decay_falls_on_a_half_cosine_over_the_last_steps_only():
+    cfg = TrainConfig(steps=100, warmup_steps=10, lr_decay_steps=40)
+    f = [lr_factor(s, cfg) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == 1.0
+    assert f[10:61] == [1.0] * 51                                  # constant until steps - lr_decay_steps
+    assert f[80] == pytest.approx(0.5) and 0 < f[99] < 0.01         # half-way down at the middle, near zero at the end
+    assert all(a > b for a, b in zip(f[60:], f[61:]))
+    assert [lr_factor(s, TrainConfig(steps=100)) for s in range(100)] == [1.0] * 100   # off by default
+
+
+def test_trainer_follows_the_decay_and_resumes_it_exactly(sd15, parts, dataset_dir, tmp_path):
+    ds = FaceDataset(str(dataset_dir), 64)
+    full = _trainer(sd15, parts, ds, tmp_path / "a", "x", steps=4, lr_decay_steps=2)
+    seen = []
+    full.run(on_step=lambda step, loss: seen.append(full.opt.param_groups[0]["lr"]))
+    # the LR read after each step is the one the next step uses: steps 0-2 at lr, step 3 at half, then zero
+    assert seen == pytest.approx([1e-3, 1e-3, 0.5e-3, 0.0])
+    first = _trainer(sd15, parts, ds, tmp_path / "b", "x", steps=2)            # constant LR up to step 2 ...
+    first.run()
+    resumed = _trainer(sd15, parts, ds, tmp_path / "b", "x", steps=4, lr_decay_steps=2)   # ... then the decay
+    assert resumed.resume() and resumed.step == 2
+    resumed.run()
+    assert [l for _, l in resumed.losses] == pytest.approx([l for _, l in full.losses], rel=1e-5)
+    for k, v in full.adapter.state_tensors().items():
+        torch.testing.assert_close(resumed.adapter.state_tensors()[k], v, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("value", [-1, 5, 1.5])
+def test_trainer_refuses_lr_decay_steps_outside_the_run(sd15, parts, dataset_dir, tmp_path, value):
+    with pytest.raises(ValueError, match="lr_decay_steps"):
+        _trainer(sd15, parts, FaceDataset(str(dataset_dir), 64), tmp_path, "bad", lr_decay_steps=value)
 
 
 def test_only_the_adapter_trains_and_checkpoints_are_written(sd15, parts, dataset_dir, tmp_path):

@@ -13,75 +13,34 @@ cover off-set ones, so for the augmented adapter those two variants test the aug
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import shutil
 import sys
 import time
 
 import numpy as np
-import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path[:0] = [HERE, os.path.join(ROOT, "scripts")]
 AUGMENT = {"reference_shift": 0.1, "reference_noise": 8.0, "reference_background": 0.5}
-
-
-def continued(R, s, work, patcher, clip, codec, base_key, steps, augment):
-    """The shipped adapter's train state continued `steps` more steps (resume: same LR, data order and seeds)."""
-    import domain as D
-    from idfusion_pack.idfusion.dataset import FaceDataset
-    from idfusion_pack.idfusion.train import TrainConfig, Trainer
-    train_ids = D.identities("training", s["train_ids"])
-    src, _ = R.train_adapter(s, work, patcher, clip, codec, train_ids, base_key)   # cached: the shipped run
-    total = s["adapter_steps"] + steps
-    out = os.path.join(work, f"augment-study-{R.key({'src': src, 'steps': total, 'augment': augment})}")
-    os.makedirs(out, exist_ok=True)
-    state = os.path.join(out, "synthetic.train-state.safetensors")
-    if not os.path.isfile(state):
-        shutil.copyfile(src.replace(".safetensors", ".train-state.safetensors"), state)
-    cfg = TrainConfig(steps=total, batch_size=s["adapter_batch"], lr=1e-3, warmup_steps=20, save_every=500, seed=R.SEED,
-                      init="attn1", reference="other image", reference_dropout=0.1, face_loss_weight=1.0,
-                      encoding="cached", timestep=0, gradient_checkpointing=False, **augment)
-    data = os.path.join(work, f"adapter-data-{R.key({'ids': len(train_ids), 'per_id': s['per_id'], 'v': 3})}")
-    trainer = Trainer(patcher, clip, codec, FaceDataset(data, D.PICTURE), out, "synthetic", cfg)
-    trainer.resume()
-    t0 = time.time()
-    if trainer.step < total:
-        trainer.run(on_step=lambda step, loss: step % 250 == 0 and R.log(f"{augment or 'no augmentation'} step {step} "
-                                                                         f"loss {loss:.4f} ({time.time() - t0:.0f}s)"))
-    return trainer.adapter_path
+# every arm at CFG 3 with uncond "text only" (the identity amplified by CFG), not the shipped defaults (CFG 2,
+# "identity too"): the published runs of this study were made so
+SETTINGS = {"cfg": 3.0, "uncond": "text only", "weight": 1.0}
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=500, help="steps past the shipped adapter's 6000")
-    ap.add_argument("--ids", type=int, default=48, help="validation identities (2 captions each)")
-    ap.add_argument("--work", default=os.path.join(ROOT, ".synthetic"))
-    ap.add_argument("--out", default=os.path.join(ROOT, ".synthetic", "augment_study.json"))
-    ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH") or os.path.join(ROOT, ".hosts", "0.3.75", "ComfyUI"))
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's own choice)")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from train import load_pack
-    load_pack(args.comfyui, cpu=True)
-    import fit as F
     import run as R
-    from idfusion_pack.idfusion import synthetic
+    args, s, patcher, clip, codec, shipped, _ = R.open_study(__doc__, "augment_study.json", argv, ids=48, steps=500)
+    import fit as F   # after open_study: the pack is loaded there
     from idfusion_pack.idfusion.adapter import IDFusionAdapter
-    s = R.SCALES["cpu"]
     t0 = time.time()
-    patcher, clip, codec, _ = synthetic.load(os.path.join(ROOT, "models", "synthetic_faces.safetensors"))
-    shipped_path = os.path.join(ROOT, "models", "idfusion", "synthetic_faces_adapter.safetensors")
-    shipped = IDFusionAdapter.load(shipped_path)
     base_key = R.key(R.base_phases(s)[-1])
     adapters = {"shipped": shipped,
-                "more": IDFusionAdapter.load(continued(R, s, args.work, patcher, clip, codec, base_key, args.steps, {})),
-                "augmented": IDFusionAdapter.load(continued(R, s, args.work, patcher, clip, codec, base_key, args.steps,
-                                                            AUGMENT))}
+                "more": IDFusionAdapter.load(R.continue_adapter(s, args.work, patcher, clip, codec, base_key, args.steps,
+                                                                {})),
+                "augmented": IDFusionAdapter.load(R.continue_adapter(s, args.work, patcher, clip, codec, base_key,
+                                                                     args.steps, AUGMENT))}
     trained = time.time() - t0
     per = 2
     ids, candidates, truths, (refs, ref_scenes, captions, _) = R.validation_cell(args.ids, per, 7_500)
@@ -94,7 +53,7 @@ def main(argv=None):
                     ids, r2, ref_scenes, backgrounds=[R.off_set_background(r2) for _ in ids])[0]}
     hits = {}
     for name, adapter in adapters.items():
-        gen = R.recommended_generator(patcher, clip, codec, adapter, s["eval_steps"])
+        gen = R.Generator(patcher, clip, codec, adapter, s["eval_steps"], **SETTINGS)
         for v, vrefs in variants.items():
             hits[(name, v)] = R.retrieval_hits(F.fit(R.generate(gen, [[r] for r in vrefs], captions, 7_800)), truths,
                                                candidates)

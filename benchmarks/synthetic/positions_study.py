@@ -13,7 +13,6 @@ measured once, by run.py, after the choice.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -47,21 +46,12 @@ def layouts(original):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ids", type=int, default=64, help="validation identities (2 captions each)")
-    ap.add_argument("--out", default=os.path.join(ROOT, ".synthetic", "positions_study.json"))
-    ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH") or os.path.join(ROOT, ".hosts", "0.3.75", "ComfyUI"))
-    args = ap.parse_args(argv)
-    from train import load_pack
-    load_pack(args.comfyui, cpu=True)
-    import domain as D
-    import fit as F
     import run as R
-    from idfusion_pack.idfusion import patch_flux, synthetic
-    from idfusion_pack.idfusion.adapter import IDFusionAdapter
-    patcher, clip, codec, _ = synthetic.load(os.path.join(ROOT, "models", "synthetic_faces_flux.safetensors"))
-    adapter = IDFusionAdapter.load(os.path.join(ROOT, "models", "idfusion", "synthetic_faces_flux_adapter.safetensors"))
-    gen = R.recommended_generator(patcher, clip, codec, adapter, R.SCALES["flux-cpu"]["eval_steps"])
+    args, _, patcher, clip, codec, adapter, rec = R.open_study(__doc__, "positions_study.json", argv, ids=64, scale="flux-cpu")
+    import domain as D   # after open_study: the pack is loaded there
+    import fit as F
+    from idfusion_pack.idfusion import patch_flux
+    gen = R.Generator(patcher, clip, codec, adapter, R.SCALES["flux-cpu"]["eval_steps"], **rec)
     per = 2
     ids, candidates, truths, (_, _, captions, _) = R.validation_cell(args.ids, per, 7_000)
     r5 = np.random.default_rng(14_500)

@@ -280,12 +280,14 @@ def train_adapter(s, work, patcher, clip, codec, train_idents, base_key, referen
     from idfusion_pack.idfusion.dataset import FaceDataset
     from idfusion_pack.idfusion.train import TrainConfig, Trainer
     cfg = TrainConfig(steps=s["adapter_steps"], batch_size=s["adapter_batch"], lr=1e-3, warmup_steps=20,
+                      lr_decay_steps=s.get("adapter_lr_decay", 0),
                       save_every=max(50, s["adapter_steps"] // 4), seed=SEED, init="attn1", reference="other image",
                       reference_dropout=0.1, face_loss_weight=1.0, encoding="cached", timestep=0,
                       gradient_checkpointing=False,  # 96 px: memory is no concern, recompute would cost time
                       **({"reference_tokens": reference_tokens} if reference_tokens != "all" else {}))
     # options added after the shipped run enter the key only when set, so its key (and cache) stays what it was
-    later = {"reference_tokens": "all", "reference_shift": 0.0, "reference_noise": 0.0, "reference_background": 0.0}
+    later = {"reference_tokens": "all", "reference_shift": 0.0, "reference_noise": 0.0, "reference_background": 0.0,
+             "lr_decay_steps": 0}
     settings = {"cfg": {k: v for k, v in cfg.__dict__.items() if k not in later or v != later[k]},
                 "ids": len(train_idents), "per_id": s["per_id"], "base": base_key, "v": 3}
     out = os.path.join(work, f"adapter-{key(settings)}")
@@ -307,8 +309,66 @@ def train_adapter(s, work, patcher, clip, codec, train_idents, base_key, referen
     last = float(np.mean([l for _, l in trainer.losses[-20:]]))
     return trainer.adapter_path, {"loss_first20": first, "loss_last20": last, "steps": cfg.steps, "batch": cfg.batch_size,
                                   "pictures": len(ds), "identities": len(train_idents), "lr": cfg.lr,
+                                  "lr_decay_steps": cfg.lr_decay_steps,
                                   "reference_dropout": cfg.reference_dropout, "face_loss_weight": cfg.face_loss_weight,
                                   "init": cfg.init, "encoding": cfg.encoding, "seed": cfg.seed}
+
+
+def open_study(doc: str, out_name: str, argv=None, ids: int = 96, steps: int | None = None, scale: str = "cpu"):
+    """The common start of the validation studies: their flags (--ids, --out, --work, --comfyui, --threads, and
+    --steps when the study trains), ComfyUI and the pack loaded, the shipped base and adapter of `scale`'s family.
+    -> (args, scale settings, patcher, clip, codec, shipped adapter, its recommended Generator settings)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ids", type=int, default=ids, help="validation identities (2 captions each)")
+    if steps is not None:
+        ap.add_argument("--steps", type=int, default=steps, help="steps past the shipped adapter's")
+    ap.add_argument("--work", default=os.path.join(ROOT, ".synthetic"))
+    ap.add_argument("--out", default=os.path.join(ROOT, ".synthetic", out_name))
+    ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH") or os.path.join(ROOT, ".hosts", "0.3.75", "ComfyUI"))
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's own choice)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from train import load_pack
+    load_pack(args.comfyui, cpu=True)
+    from idfusion_pack.idfusion import synthetic
+    from idfusion_pack.idfusion.adapter import IDFusionAdapter
+    stem = "synthetic_faces_flux" if SCALES[scale].get("arch") == "flux" else "synthetic_faces"
+    patcher, clip, codec, _ = synthetic.load(os.path.join(ROOT, "models", f"{stem}.safetensors"))
+    adapter_path = os.path.join(ROOT, "models", "idfusion", f"{stem}_adapter.safetensors")
+    adapter = IDFusionAdapter.load(adapter_path)
+    from idfusion_pack.idfusion.adapter import recommended_settings
+    return args, SCALES[scale], patcher, clip, codec, adapter, recommended_settings(adapter_path)
+
+
+def continue_adapter(s, work, patcher, clip, codec, base_key, steps, overrides, tag=""):
+    """The shipped adapter's train state continued `steps` more steps with TrainConfig `overrides` (resume: same
+    data order and seeds; with no overrides this equals a from-scratch run of the longer length). Cached in `work`."""
+    import shutil
+    import domain as D
+    from idfusion_pack.idfusion.dataset import FaceDataset
+    from idfusion_pack.idfusion.train import TrainConfig, Trainer
+    train_ids = D.identities("training", s["train_ids"])
+    src, _ = train_adapter(s, work, patcher, clip, codec, train_ids, base_key)   # cached: the shipped run
+    total = s["adapter_steps"] + steps
+    # the key's "augment" field holds any overrides: named so for the first study's cache (augment_study.py)
+    out = os.path.join(work, f"augment-study-{key({'src': src, 'steps': total, 'augment': overrides})}")
+    os.makedirs(out, exist_ok=True)
+    state = os.path.join(out, "synthetic.train-state.safetensors")
+    if not os.path.isfile(state):
+        shutil.copyfile(src.replace(".safetensors", ".train-state.safetensors"), state)
+    cfg = TrainConfig(**{**dict(steps=total, batch_size=s["adapter_batch"], lr=1e-3, warmup_steps=20, save_every=500,
+                                seed=SEED, init="attn1", reference="other image", reference_dropout=0.1,
+                                face_loss_weight=1.0, encoding="cached", timestep=0, gradient_checkpointing=False),
+                         **overrides})
+    data = os.path.join(work, f"adapter-data-{key({'ids': len(train_ids), 'per_id': s['per_id'], 'v': 3})}")
+    trainer = Trainer(patcher, clip, codec, FaceDataset(data, D.PICTURE), out, "synthetic", cfg)
+    trainer.resume()
+    t0 = time.time()
+    if trainer.step < total:
+        trainer.run(on_step=lambda step, loss: step % 250 == 0 and log(f"{tag or overrides or 'no overrides'} step "
+                                                                        f"{step} loss {loss:.4f} ({time.time() - t0:.0f}s)"))
+    return trainer.adapter_path
 
 
 def ship_adapter(src, dst, info, figures=None, defaults=None):
@@ -336,11 +396,11 @@ class Generator:
     """Generation through this pack's nodes (Encode Reference, Apply, Apply Multi-Identity) and ComfyUI's sampler,
     with the settings chosen on the validation identities (cfg, uncond, weight)."""
 
-    def __init__(self, patcher, clip, codec, adapter, steps, cfg=CFG, uncond="text only", weight=1.0):
+    def __init__(self, patcher, clip, codec, adapter, steps, cfg=CFG, uncond="text only", weight=1.0, end_at=1.0):
         import domain as D
         import idfusion_pack
         self.D, self.patcher, self.clip, self.codec, self.adapter, self.steps = D, patcher, clip, codec, adapter, steps
-        self.cfg, self.uncond, self.weight = cfg, uncond, weight
+        self.cfg, self.uncond, self.weight, self.end_at = cfg, uncond, weight, end_at
         self.reference_tokens = "all"
         from idfusion_pack.idfusion import patch_flux
         self.flux = patch_flux.is_flux(patcher)
@@ -352,12 +412,12 @@ class Generator:
 
     def apply(self, identity):
         return node_call(self.nodes["IDFusionApply"], "apply", self.patcher, self.adapter, identity, self.weight, 0.0,
-                         1.0, self.uncond, "cached", reference_tokens=self.reference_tokens)[0]
+                         self.end_at, self.uncond, "cached", reference_tokens=self.reference_tokens)[0]
 
     def apply_regions(self, idents, masks):
         kw = {f"identity_{i + 1}": x for i, x in enumerate(idents)}
         return node_call(self.nodes["IDFusionApplyMultiIdentity"], "apply", self.patcher, self.adapter, masks,
-                         self.weight, 0.0, 1.0, self.uncond, "cached", **kw)[0]
+                         self.weight, 0.0, self.end_at, self.uncond, "cached", **kw)[0]
 
     def encode_text(self, captions):
         with torch.inference_mode():
@@ -480,12 +540,6 @@ def validation_cell(n_ids, per, seed):
     return ids, D.identities("candidates", 99), [i for i in ids for _ in range(per)], transfer_inputs(ids, per, seed)
 
 
-def recommended_generator(patcher, clip, codec, adapter, steps):
-    """A Generator with the settings the adapter's metadata recommends (the validation sweep's choice)."""
-    rec = json.loads(adapter.metadata().get("recommended", "{}") or "{}")
-    return Generator(patcher, clip, codec, adapter, steps, **{k: rec[k] for k in ("cfg", "uncond", "weight") if k in rec})
-
-
 def generate(gen, refs, captions, seed0, with_identity=True):
     """refs: per identity a list of reference drawings; captions: per identity its captions (one picture each)."""
     out = []
@@ -553,32 +607,36 @@ def sweep(gen, n_ids, per, candidates):
     """The shipped defaults, chosen on VALIDATION identities (never the evaluation ones): every setting samples the
     same captions and seeds. Rule, fixed before the sweep ran: among settings whose flat-region noise ratio is at most
     1.1 and whose expression and pose following are within 5 points of the base model's at that CFG, the highest
-    retrieval; failing that, the highest retrieval with noise ratio at most 1.1; failing that, the highest retrieval."""
+    retrieval; failing that, the highest retrieval with noise ratio at most 1.1; failing that, the highest retrieval.
+    The `end_at` rows (the identity acts over the first part of sampling only) were added to the grid after
+    guidance_study.py, on other validation pictures, found that they keep most of "text only"'s retrieval at about
+    the flat-region noise of "identity too"; the rule itself is unchanged."""
     import domain as D
     import fit as F
     ids = D.identities("validation", n_ids)
     refs, ref_scenes, captions, scenes = transfer_inputs(ids, per, 7_000)
     truths = [i for i in ids for _ in range(per)]
-    settings = [(3.0, "text only", 1.0), (2.0, "text only", 1.0), (4.0, "text only", 1.0),
-                (3.0, "identity too", 1.0), (2.0, "identity too", 1.0), (2.0, "identity too", 1.5),
-                (2.0, "identity too", 2.0)]
+    settings = [(3.0, "text only", 1.0, 1.0), (2.0, "text only", 1.0, 1.0), (4.0, "text only", 1.0, 1.0),
+                (3.0, "identity too", 1.0, 1.0), (2.0, "identity too", 1.0, 1.0), (2.0, "identity too", 1.5, 1.0),
+                (2.0, "identity too", 2.0, 1.0), (3.0, "text only", 1.0, 0.8), (2.0, "text only", 1.0, 0.8),
+                (3.0, "text only", 1.0, 0.6), (2.0, "text only", 1.0, 0.6)]
     base = {}
     results = []
-    for cfg, uncond, weight in settings:
-        gen.cfg, gen.uncond, gen.weight = cfg, uncond, weight
+    for cfg, uncond, weight, end_at in settings:
+        gen.cfg, gen.uncond, gen.weight, gen.end_at = cfg, uncond, weight, end_at
         if cfg not in base:
             plain = generate(gen, [[r] for r in refs], captions, 7_100, with_identity=False)
             reads0 = F.fit(plain)
             base[cfg] = {"hf": float(np.nanmean(flat_hf(plain, reads0))), **scene_rates(reads0, scenes)}
         pics = generate(gen, [[r] for r in refs], captions, 7_100)
         reads = F.fit(pics)
-        r = {"cfg": cfg, "uncond": uncond, "weight": weight,
+        r = {"cfg": cfg, "uncond": uncond, "weight": weight, "end_at": end_at,
              "retrieval": rate(retrieval_hits(reads, truths, candidates)), **scene_rates(reads, scenes),
              "noise_ratio": float(np.nanmean(flat_hf(pics, reads))) / base[cfg]["hf"]}
         r["scene_ok"] = all(r[f"{k} follows caption"]["p"] >= base[cfg][f"{k} follows caption"]["p"] - 0.05
                             for k in ("expression", "pose"))
         results.append(r)
-        log(f"sweep cfg {cfg} uncond {uncond} weight {weight}: retrieval {r['retrieval']['p']:.3f}, noise ratio "
+        log(f"sweep cfg {cfg} uncond {uncond} weight {weight} end_at {end_at}: retrieval {r['retrieval']['p']:.3f}, noise ratio "
             f"{r['noise_ratio']:.2f}, expression {r['expression follows caption']['p']:.2f} (base "
             f"{base[cfg]['expression follows caption']['p']:.2f}), pose {r['pose follows caption']['p']:.2f} (base "
             f"{base[cfg]['pose follows caption']['p']:.2f})")
@@ -587,8 +645,8 @@ def sweep(gen, n_ids, per, candidates):
         if pool:
             best = max(pool, key=lambda r: r["retrieval"]["p"])
             break
-    chosen = {"cfg": best["cfg"], "uncond": best["uncond"], "weight": best["weight"]}
-    gen.cfg, gen.uncond, gen.weight = best["cfg"], best["uncond"], best["weight"]
+    chosen = {k: best[k] for k in ("cfg", "uncond", "weight", "end_at")}
+    gen.cfg, gen.uncond, gen.weight, gen.end_at = (chosen[k] for k in ("cfg", "uncond", "weight", "end_at"))
     log(f"sweep: chose {chosen}")
     return {"settings": results, "base": {str(k): v for k, v in base.items()}, "chosen": chosen,
             "identities": n_ids, "pictures_per_setting": n_ids * per}
@@ -859,11 +917,13 @@ def write_report(out: dict, path: str, command: str):
           f"{sw['identities']} validation identities, {sw['pictures_per_setting']} pictures per setting (a split of its own, "
           "never the evaluation identities). Rule fixed before the sweep: among settings with flat-region noise ratio ≤ 1.1 "
           "and expression and pose following within 5 points of the base model at that CFG, the highest retrieval.", "",
-          "| CFG | uncond | weight | retrieval | noise ratio | expression follows | pose follows |", "|---|---|---|---|---|---|---|"]
+          "| CFG | uncond | weight | end_at | retrieval | noise ratio | expression follows | pose follows |",
+          "|---|---|---|---|---|---|---|---|"]
     for s in sw["settings"]:
-        L.append(f"| {s['cfg']} | {s['uncond']} | {s['weight']} | {pct(s['retrieval'])} | {s['noise_ratio']:.2f} | "
-                 f"{pct(s['expression follows caption'])} | {pct(s['pose follows caption'])} |")
-    L += ["", f"Chosen: CFG {sw['chosen']['cfg']}, uncond `{sw['chosen']['uncond']}`, weight {sw['chosen']['weight']}.", "",
+        L.append(f"| {s['cfg']} | {s['uncond']} | {s['weight']} | {s.get('end_at', 1.0)} | {pct(s['retrieval'])} | "
+                 f"{s['noise_ratio']:.2f} | {pct(s['expression follows caption'])} | {pct(s['pose follows caption'])} |")
+    L += ["", f"Chosen: CFG {sw['chosen']['cfg']}, uncond `{sw['chosen']['uncond']}`, weight {sw['chosen']['weight']}, "
+              f"end_at {sw['chosen'].get('end_at', 1.0)}.", "",
           "## 3. Figures against the targets (evaluation identities)", "",
           "| measure | target | result | |", "|---|---|---|---|"]
     rw, r0 = t["retrieval with adapter"], t["retrieval without adapter"]
@@ -960,7 +1020,7 @@ def write_families(report: str):
         lambda o: pct(o["calibration"][cal]["retrieval"]))
     row("instrument: eyes ΔE on the base model's own img2img", "-", lambda o: mse(o["calibration"][cal]["eyes"]))
     row("shipped defaults (chosen on validation identities)", "-",
-        lambda o: "CFG {cfg}, `{uncond}`, weight {weight}".format(**o["sweep"]["chosen"]))
+        lambda o: "CFG {cfg}, `{uncond}`, weight {weight}, end_at {end_at}".format(**{"end_at": 1.0, **o["sweep"]["chosen"]}))
     row("retrieval among 100 fresh candidates, with the adapter", "≥ 90%",
         lambda o: f"{pct(o['results']['transfer']['retrieval with adapter'])} (n = {o['results']['transfer']['pictures']})")
     row("retrieval without the adapter", "≤ 3%", lambda o: pct(o["results"]["transfer"]["retrieval without adapter"]))
