@@ -227,7 +227,7 @@ def recommended_settings(path: str) -> dict:
         rec = json.loads(raw) if isinstance(raw, str) and len(raw) <= MAX_META_FIELD else None
         out = {"cfg": float(rec["cfg"]), "uncond": str(rec["uncond"]), "weight": float(rec["weight"]),
                "end_at": float(rec.get("end_at", 1.0))}
-    except (TypeError, ValueError, KeyError, AttributeError):
+    except (TypeError, ValueError, KeyError, AttributeError, RecursionError):   # RecursionError: '[[[[...' nested
         out = None
     if out is None or out["uncond"] not in ("text only", "identity too") or not (
             0 < out["cfg"] <= 100 and 0 <= out["weight"] <= 10 and 0 < out["end_at"] <= 1):

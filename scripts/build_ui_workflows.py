@@ -305,12 +305,13 @@ FLUX_DEMO = "9 Flux - synthetic DiT identity demo"
 
 def flux_demo_ships() -> bool:
     """Whether the shipped DiT and its adapter, with the adapter's recommended settings, are in models/."""
-    from safetensors import safe_open
-    adapter = os.path.join(ROOT, "models", "idfusion", FLUX_SYNTHETIC_ADAPTER)
-    if not (os.path.isfile(os.path.join(ROOT, "models", FLUX_SYNTHETIC)) and os.path.isfile(adapter)):
+    if not os.path.isfile(os.path.join(ROOT, "models", FLUX_SYNTHETIC)):
         return False
-    with safe_open(adapter, "pt") as f:
-        return "recommended" in (f.metadata() or {})
+    try:
+        adapter_settings.recommended(os.path.join(ROOT, "models", "idfusion", FLUX_SYNTHETIC_ADAPTER))
+        return True
+    except ValueError:
+        return False
 
 
 # A checkout without the shipped DiT and its adapter's recommended settings (before `make synthetic-flux` finished) has no

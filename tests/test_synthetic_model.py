@@ -83,7 +83,8 @@ def test_shipped_files_say_what_they_are(family):
 
 @pytest.mark.parametrize("recommended", [None, "not json", '{"cfg": 2.0}', '{"cfg": NaN, "uncond": "text only", "weight": 1}',
                                          '{"cfg": 2.0, "uncond": "both", "weight": 1}',
-                                         '{"cfg": 2.0, "uncond": "text only", "weight": 1, "end_at": 0}', "[1, 2]"])
+                                         '{"cfg": 2.0, "uncond": "text only", "weight": 1, "end_at": 0}', "[1, 2]",
+                                         "[" * 100_000])
 def test_damaged_recommended_settings_are_refused_naming_the_file(tmp_path, recommended):
     tensors, meta = read_safetensors(FAMILIES["unet"]["adapter"], "idfusion.adapter", "adapter")
     meta = {k: v for k, v in meta.items() if k != "recommended"}
