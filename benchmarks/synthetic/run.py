@@ -275,16 +275,19 @@ def write_dataset(folder, idents, per_id, seed):
                 f.write(D.caption(scene))
 
 
+def adapter_recipe(s) -> dict:
+    """The shipped adapter's TrainConfig fields at scale `s` (studies continue it with overrides)."""
+    return dict(steps=s["adapter_steps"], batch_size=s["adapter_batch"], lr=1e-3, warmup_steps=20,
+                save_every=max(50, s["adapter_steps"] // 4), seed=SEED, init="attn1", reference="other image",
+                reference_dropout=0.1, face_loss_weight=1.0, encoding="cached", timestep=0,
+                gradient_checkpointing=False)   # 96 px: memory is no concern, recompute would cost time
+
+
 def train_adapter(s, work, patcher, clip, codec, train_idents, base_key, reference_tokens="all"):
     import domain as D
     from idfusion_pack.idfusion.dataset import FaceDataset
     from idfusion_pack.idfusion.train import TrainConfig, Trainer
-    cfg = TrainConfig(steps=s["adapter_steps"], batch_size=s["adapter_batch"], lr=1e-3, warmup_steps=20,
-                      lr_decay_steps=s.get("adapter_lr_decay", 0),
-                      save_every=max(50, s["adapter_steps"] // 4), seed=SEED, init="attn1", reference="other image",
-                      reference_dropout=0.1, face_loss_weight=1.0, encoding="cached", timestep=0,
-                      gradient_checkpointing=False,  # 96 px: memory is no concern, recompute would cost time
-                      **({"reference_tokens": reference_tokens} if reference_tokens != "all" else {}))
+    cfg = TrainConfig(**adapter_recipe(s), **({"reference_tokens": reference_tokens} if reference_tokens != "all" else {}))
     # options added after the shipped run enter the key only when set, so its key (and cache) stays what it was
     later = {"reference_tokens": "all", "reference_shift": 0.0, "reference_noise": 0.0, "reference_background": 0.0,
              "lr_decay_steps": 0}
@@ -357,10 +360,7 @@ def continue_adapter(s, work, patcher, clip, codec, base_key, steps, overrides, 
     state = os.path.join(out, "synthetic.train-state.safetensors")
     if not os.path.isfile(state):
         shutil.copyfile(src.replace(".safetensors", ".train-state.safetensors"), state)
-    cfg = TrainConfig(**{**dict(steps=total, batch_size=s["adapter_batch"], lr=1e-3, warmup_steps=20, save_every=500,
-                                seed=SEED, init="attn1", reference="other image", reference_dropout=0.1,
-                                face_loss_weight=1.0, encoding="cached", timestep=0, gradient_checkpointing=False),
-                         **overrides})
+    cfg = TrainConfig(**{**adapter_recipe(s), "steps": total, "save_every": 500, **overrides})
     data = os.path.join(work, f"adapter-data-{key({'ids': len(train_ids), 'per_id': s['per_id'], 'v': 3})}")
     trainer = Trainer(patcher, clip, codec, FaceDataset(data, D.PICTURE), out, "synthetic", cfg)
     trainer.resume()
