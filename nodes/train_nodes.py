@@ -60,6 +60,11 @@ class IDFusionTrainAdapter:
             "class_prompt": ("STRING", {"default": d.class_prompt, "tooltip": "The class prompt for cgdr."}),
             "encoding": (["cached", "per_step"], {"tooltip": "How references are encoded: clean once (cached) or noised to the target's sigma (per_step). Written into the adapter."}),
             "resume": ("BOOLEAN", {"default": True, "tooltip": "Continue from models/idfusion/training/<name>.train-state.safetensors if it exists."}),
+        }, "optional": {   # after the required ones: workflows saved before these existed keep their widget values
+            "lr_decay_steps": ("INT", {"default": d.lr_decay_steps, "min": 0, "max": 1_000_000, "tooltip": "The last N steps lower the learning rate to zero on a half cosine (0: constant after warm-up). At most `steps`."}),
+            "reference_shift": ("FLOAT", {"default": d.reference_shift, "min": 0.0, "max": 0.5, "step": 0.01, "tooltip": "Reference augmentation: move each reference by up to this fraction of its side (edge pixels repeated), so a face off-centre still transfers."}),
+            "reference_noise": ("FLOAT", {"default": d.reference_noise, "min": 0.0, "max": 100.0, "step": 0.5, "tooltip": "Reference augmentation: Gaussian pixel noise of this standard deviation (0-255 units) on each reference."}),
+            "reference_background": ("FLOAT", {"default": d.reference_background, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Reference augmentation: the chance that a reference's background (outside its <name>_mask.png) becomes a random colour. Needs masks."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("IDFUSION_ADAPTER", "IMAGE")
@@ -70,17 +75,22 @@ class IDFusionTrainAdapter:
     DESCRIPTION = "Trains an IDFusion adapter (only Linear_kf/Linear_vf). Cancel keeps the last checkpoint; run again to resume."
 
     @classmethod
-    def VALIDATE_INPUTS(cls, learning_rate=None, reference_dropout=None, face_loss_weight=None, cgdr_weight=None):
+    def VALIDATE_INPUTS(cls, learning_rate=None, reference_dropout=None, face_loss_weight=None, cgdr_weight=None,
+                        reference_shift=None, reference_noise=None, reference_background=None):
         """JSON NaN passes ComfyUI's min/max check and would train an adapter of NaN weights: refuse it up front."""
         return check_inputs(cls, learning_rate=learning_rate, reference_dropout=reference_dropout,
-                            face_loss_weight=face_loss_weight, cgdr_weight=cgdr_weight)
+                            face_loss_weight=face_loss_weight, cgdr_weight=cgdr_weight, reference_shift=reference_shift,
+                            reference_noise=reference_noise, reference_background=reference_background)
 
     def train(self, model, clip, vae, dataset, adapter_name, steps, batch_size, learning_rate, resolution, save_every, seed,
-              init, reference, reference_dropout, face_loss_weight, cgdr_weight, class_prompt, encoding, resume, unique_id=None):
+              init, reference, reference_dropout, face_loss_weight, cgdr_weight, class_prompt, encoding, resume, unique_id=None,
+              lr_decay_steps=0, reference_shift=0.0, reference_noise=0.0, reference_background=0.0):
         check_name("adapter_name", adapter_name, spaces=False, where="the adapter is always saved in models/idfusion")
         require_inputs(type(self), learning_rate=learning_rate, reference_dropout=reference_dropout,
                        face_loss_weight=face_loss_weight, cgdr_weight=cgdr_weight, steps=steps, batch_size=batch_size,
-                       resolution=resolution, save_every=save_every, seed=seed)
+                       resolution=resolution, save_every=save_every, seed=seed, lr_decay_steps=lr_decay_steps,
+                       reference_shift=reference_shift, reference_noise=reference_noise,
+                       reference_background=reference_background)
         check_name("dataset", dataset, where=f"pick a folder of ComfyUI/input/{DATASETS}/", folder=True)
         if dataset not in dataset_folders():
             raise ValueError(f"dataset {dataset!r} is not a folder in ComfyUI/input/{DATASETS}/: put the images there "
@@ -89,16 +99,19 @@ class IDFusionTrainAdapter:
         with torch.inference_mode(False), torch.enable_grad():
             return self._train(model, clip, vae, dataset, adapter_name, steps, batch_size, learning_rate, resolution,
                                save_every, seed, init, reference, reference_dropout, face_loss_weight, cgdr_weight,
-                               class_prompt, encoding, resume, unique_id)
+                               class_prompt, encoding, resume, unique_id,
+                               dict(lr_decay_steps=lr_decay_steps, reference_shift=reference_shift,
+                                    reference_noise=reference_noise, reference_background=reference_background))
 
     def _train(self, model, clip, vae, dataset, adapter_name, steps, batch_size, learning_rate, resolution, save_every, seed,
-               init, reference, reference_dropout, face_loss_weight, cgdr_weight, class_prompt, encoding, resume, unique_id):
+               init, reference, reference_dropout, face_loss_weight, cgdr_weight, class_prompt, encoding, resume, unique_id,
+               more):
         root = folder_paths.get_folder_paths(FOLDER)[0]
         work = os.path.join(root, "training")
         os.makedirs(work, exist_ok=True)
         cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=learning_rate, save_every=save_every, seed=seed, init=init,
                           reference=reference, reference_dropout=reference_dropout, face_loss_weight=face_loss_weight,
-                          cgdr_weight=cgdr_weight, class_prompt=class_prompt, encoding=encoding)
+                          cgdr_weight=cgdr_weight, class_prompt=class_prompt, encoding=encoding, **more)
         ds = FaceDataset(dataset_path(dataset), resolution)
         node = str(unique_id) if unique_id is not None else None
         skipped = [f"skipped {len(ds.skipped)} of {len(ds.skipped) + len(ds)} files in '{dataset}':"] + ds.skipped_report() \

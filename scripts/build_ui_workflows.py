@@ -36,7 +36,7 @@ COLORS = ["#3f789e", "#8A8", "#b58b2a", "#a1309b", "#88A", "#b06634", "#444"]
 # nodes whose drawn content (image previews) grows after a run: give them room up front
 MIN_SIZE = {"LoadImage": (320, 380), "IDFusionExampleReference": (320, 380), "SaveImage": (320, 360), "PreviewImage": (320, 360),
             "CLIPTextEncode": (380, 170), "IDFusionEncodeReference": (340, 330), "IDFusionFaceMasks": (340, 380),
-            "IDFusionApplyMultiIdentity": (340, 560), "IDFusionFaceEvaluate": (380, 300), "IDFusionTrainAdapter": (400, 820),
+            "IDFusionApplyMultiIdentity": (340, 560), "IDFusionFaceEvaluate": (380, 300), "IDFusionTrainAdapter": (400, 920),
             "IDFusionLoadIdentity": (340, 330)}
 
 # The inputs a template names, each in ONE place: the twins (workflows/api/) are rewritten with these values before the

@@ -43,6 +43,54 @@ def test_identities_are_continuous_fresh_per_split_and_captions_never_name_them(
         tok.tokenize_with_weights("a photo of a blond person")
 
 
+def _ident(**over):
+    mid = {k: (lo + hi) / 2 for k, (lo, hi) in D.GEOMETRY.items()}
+    return {"skin": np.array([60.0, 15.0, 20.0]), "hair": np.array([50.0, 0.0, 0.0]), "eyes": np.array([40.0, 5.0, 5.0]),
+            **mid, **over}
+
+
+def test_identity_descriptions_name_each_attribute_with_its_own_words():
+    # the words a described base model learns from (issue 17's caption study): each attribute's own modifier, no scene
+    # word reused, the middle third of a shape range unnamed, and no word for the extrapolation hue band
+    lch = lambda L, C, h: np.array([L, C * np.cos(np.radians(h)), C * np.sin(np.radians(h))])   # noqa: E731
+    assert D.descriptors(_ident()) == ["tan skin", "silver hair", "darkeyed"]
+    assert D.descriptors(_ident(hair=lch(55, 40, 40), skin=np.array([80.0, 10, 10]))) == \
+        ["pale skin", "red hair", "darkeyed"]
+    assert "brown hair" in D.descriptors(_ident(hair=lch(30, 30, 60)))
+    assert "ginger hair" in D.descriptors(_ident(hair=lch(60, 30, 60)))
+    lo, hi = D.GEOMETRY["face_w"]
+    assert "narrow face" in D.descriptors(_ident(face_w=lo)) and "broad face" in D.descriptors(_ident(face_w=hi))
+    assert not any("face" in w for w in D.descriptors(_ident()))
+    assert "green hair" in D.descriptors(D.identities("extrapolation", 1)[0]) and "green" not in D.vocabulary(True)
+    scene_words = set(D.vocabulary())
+    vocab = D.vocabulary(described=True)
+    rng = np.random.default_rng(0)
+    tok = synthetic.WordTokenizer(tokenizer_data={"vocabulary": vocab, "length": 16})
+    for ident in D.identities("training", 300):
+        words = D.descriptors(ident)
+        modifiers = [w.split()[0] for w in words]
+        assert len(set(modifiers)) == len(modifiers) and not set(modifiers) & scene_words, words
+        text = D.described_caption(D.caption(D.random_scene(rng)), ident, rng)
+        extra = text.split(", ")[4:]
+        assert 1 <= len(extra) <= 3 and set(extra) <= set(words), text
+        tok.tokenize_with_weights(text)   # every word known
+        assert len(text.replace(",", "").split()) <= 16   # nothing cut off by the encoder's length
+
+
+def test_described_base_pool_keeps_the_pictures_and_describes_a_share_of_one_person_captions():
+    import run as R   # benchmarks/synthetic/run.py
+    plain = R.render_pool(R.SCALES["smoke"], seed=1)
+    described = R.render_pool({**R.SCALES["smoke"], "describe": 0.5}, seed=1)
+    assert np.array_equal(plain[0], described[0]) and np.array_equal(plain[2], described[2])
+    assert described[3] == plain[3]                     # two-person captions stay scene-only
+    longer = [d != p for p, d in zip(plain[1], described[1])]
+    assert all(d.startswith(p) for p, d in zip(plain[1], described[1]))
+    assert 0.3 < np.mean(longer) < 0.7, np.mean(longer)
+    settings = R.base_settings({**R.SCALES["smoke"], "describe": 0.5})
+    assert settings["describe"] == 0.5 and "broad" in settings["vocabulary"]
+    assert "describe" not in R.base_settings(R.SCALES["smoke"]) and "broad" not in R.base_settings(R.SCALES["smoke"])["vocabulary"]
+
+
 def test_colour_conversions_round_trip():
     rgb = np.random.default_rng(0).uniform(0, 1, (100, 3))
     np.testing.assert_allclose(D.lab_to_srgb(D.srgb_to_lab(rgb)), rgb, atol=1e-9)

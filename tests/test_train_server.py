@@ -162,6 +162,27 @@ def test_training_workflow_writes_adapter_and_loss_curve_and_reports_progress(se
     assert [t for n, t in ws.texts if n == TRAIN_NODE][-1].startswith("step 2/2  loss "), ws.texts
 
 
+def test_the_optional_schedule_and_augmentation_inputs_reach_the_training_and_bad_ones_are_refused(server):
+    """lr_decay_steps and reference augmentation (optional widgets, after the required ones so older workflows keep
+    their values) reach the run's TrainConfig, as its train state records; out-of-range values are refused naming
+    the input, NaN before the prompt runs."""
+    more = {"lr_decay_steps": 2, "reference_shift": 0.1, "reference_noise": 12.0, "reference_background": 0.5}
+    p = workflow("augmented", 2)
+    p[TRAIN_NODE]["inputs"].update(more)
+    server.wait(server.queue(p), timeout=900)
+    path = os.path.join(server.dir("models"), "idfusion", "training", "augmented.train-state.safetensors")
+    with safe_open(path, "pt") as f:
+        config = json.loads(f.metadata()["config"])
+    assert {k: config[k] for k in more} == more
+    for field, value in (("lr_decay_steps", 3), ("reference_noise", float("nan")), ("reference_shift", 0.9)):
+        p = workflow("refused", 2)
+        p[TRAIN_NODE]["inputs"][field] = value
+        with pytest.raises(comfy_server.ComfyServerError) as e:
+            server.wait(server.queue(p), timeout=600)
+        assert field in str(e.value), (field, str(e.value)[:500])
+    assert state_step(server, "refused") == 0
+
+
 def test_interrupt_keeps_the_last_checkpoint_and_queueing_again_resumes(server):
     ws = server.socket
     ws.clear()

@@ -190,13 +190,54 @@ def random_scene_from(rng, held_out: bool, **fixed) -> dict:
     return dict(choices[rng.integers(len(choices))])
 
 
-def vocabulary_captions():
+# Coarse words for an identity, the way people describe a face: a base model trained with some captions carrying them
+# learns, as a real text-to-image model has, to steer identity through cross-attention (issue 17's pathway study:
+# a base whose cross-attention only ever carried the scene passes little of K_f/V_f into the picture). Evaluation
+# captions never carry them. Each modifier names one attribute alone and no scene word is reused ("violet", not
+# "purple", a background): the word encoder has no context between words.
+HAIR_HUES = [(25, "pink"), (50, "red"), (75, "ginger"), (120, "blonde"), (200, "green"), (275, "blue"),
+             (335, "violet"), (360, "pink")]   # upper hue bound (degrees, CIELAB) -> word; "green" is HAIR_HUE_BAND
+THIRDS = {"face_w": ("narrow", "broad"), "face_h": ("short", "long"), "eye_spacing": ("closeset", "wideset"),
+          "eye_size": ("small", "big"), "mouth_w": ("thin", "wide"), "hair_volume": ("flat", "bushy"),
+          "fringe": ("slight", "heavy")}
+NOUNS = {"face_w": "face", "face_h": "face", "eye_spacing": "eyes", "eye_size": "eyes", "mouth_w": "mouth",
+         "hair_volume": "hair", "fringe": "fringe"}
+
+
+def descriptors(ident: dict) -> list[str]:
+    """Every coarse description that fits an identity: skin by lightness, hair by colour name, eyes by lightness, and
+    each shape parameter in the lower or upper third of its range ("broad face"; the middle third has no word)."""
+    L, C, h = ident["hair"][0], math.hypot(*ident["hair"][1:]), float(hue(ident["hair"]))
+    hair = ("black" if L < 35 else "white" if L > 70 else "silver") if C < 15 else \
+        ("brown" if L < 40 and 25 <= h < 120 else next(w for top, w in HAIR_HUES if h < top))
+    out = [("dark" if ident["skin"][0] < 52 else "tan" if ident["skin"][0] < 68 else "pale") + " skin",
+           hair + " hair", "darkeyed" if ident["eyes"][0] < 42.5 else "lighteyed"]
+    for k, (low, high) in THIRDS.items():
+        lo, hi = GEOMETRY[k]
+        x = (ident[k] - lo) / (hi - lo)
+        if x < 1 / 3 or x > 2 / 3:
+            out.append(f"{low if x < 1 / 3 else high} {NOUNS[k]}")
+    return out
+
+
+def described_caption(text: str, ident: dict, rng, most: int = 3) -> str:
+    """A caption with 1..most of the identity's descriptions appended, in random order."""
+    words = descriptors(ident)
+    pick = rng.choice(len(words), size=min(len(words), int(rng.integers(1, most + 1))), replace=False)
+    return ", ".join([text] + [words[i] for i in pick])
+
+
+def vocabulary_captions(described: bool = False):
     scenes = all_scenes()
-    return [caption(s) for s in scenes] + [caption(s, two=True) for s in scenes] + ["a photo of a person"]
+    extra = [f"{w} {n}" for k, ws in THIRDS.items() for w, n in zip(ws, [NOUNS[k]] * 2)] + \
+        [f"{w} hair" for w in ("black", "white", "silver", "brown", *dict(HAIR_HUES).values()) if w != "green"] + \
+        [f"{w} skin" for w in ("dark", "tan", "pale")] + ["darkeyed", "lighteyed"]
+    return ([caption(s) for s in scenes] + [caption(s, two=True) for s in scenes] + ["a photo of a person"] +
+            (extra if described else []))
 
 
-def vocabulary() -> list[str]:
-    return sorted({w for text in vocabulary_captions() for w in re.findall(r"[a-z]+", text)})
+def vocabulary(described: bool = False) -> list[str]:
+    return sorted({w for text in vocabulary_captions(described) for w in re.findall(r"[a-z]+", text)})
 
 
 # ---- the renderer ------------------------------------------------------------------------------------------------

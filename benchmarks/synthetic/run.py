@@ -75,11 +75,13 @@ def key(d: dict) -> str:
 # ---- stage 1-2: base model ---------------------------------------------------------------------
 def render_pool(s, seed):
     """Training pictures for the base model: random training identities in random scenes (uint8 drawings), with
-    their captions; a fifth as many pictures of two people side by side."""
+    their captions; a fifth as many pictures of two people side by side. With s["describe"] = p, that share of the
+    one-person captions also names 1-3 coarse features of the face (domain.described_caption; its own seed, so the
+    pictures stay the same)."""
     import domain as D
     rng = np.random.default_rng(seed)
     train = D.identities("training", s["train_ids"])
-    out = []
+    out, drawn = [], []
     for n, two in zip(s["pool"], (False, True)):
         pics, caps = [], []
         for start in range(0, n, 256):
@@ -88,7 +90,12 @@ def render_pool(s, seed):
             faces = [[train[j] for j in rng.choice(len(train), 2 if two else 1, replace=False)] for _ in range(m)]
             pics.append(D.to_uint8(D.render_batch(faces, scenes, rng.uniform(-D.JITTER, D.JITTER, (m, 2 if two else 1, 2)))[0]))
             caps += [D.caption(sc, two=two) for sc in scenes]
+            drawn += [f[0] for f in faces]
         out += [np.concatenate(pics), caps]
+    if s.get("describe"):
+        words = np.random.default_rng(seed + 100)
+        out[1] = [D.described_caption(c, ident, words) if words.random() < s["describe"] else c
+                  for c, ident in zip(out[1], drawn[:len(out[1])])]
     return out
 
 
@@ -102,10 +109,12 @@ def base_settings(s):
         unet = synthetic.unet_config(3 * D.FACTOR ** 2, D.SIZE // D.FACTOR, s["channels"])
     out = {"base_steps": s["base_steps"], "base_batch": s["base_batch"], "prediction": s["pred"], "unet": unet,
            "codec": {"pool": D.POOL, "factor": D.FACTOR}, "text": {"dim": unet.get("context_dim", unet.get("context_in_dim")), "length": 16},
-           "vocabulary": D.vocabulary(), "lr": s.get("base_lr", 1e-3), "ema": 0.999, "seed": SEED,
+           "vocabulary": D.vocabulary(described=bool(s.get("describe"))), "lr": s.get("base_lr", 1e-3), "ema": 0.999, "seed": SEED,
            "train_ids": s["train_ids"], "pool": s["pool"], "domain": "continuous-v1"}
     if flux:   # only then: the UNet's settings (and so its cache key) stay what they were
         out.update(architecture="flux", weighting=s["weighting"])
+    if s.get("describe"):   # likewise
+        out["describe"] = s["describe"]
     return out
 
 
@@ -317,14 +326,18 @@ def train_adapter(s, work, patcher, clip, codec, train_idents, base_key, referen
                                   "init": cfg.init, "encoding": cfg.encoding, "seed": cfg.seed}
 
 
-def open_study(doc: str, out_name: str, argv=None, ids: int = 96, steps: int | None = None, scale: str = "cpu"):
-    """The common start of the validation studies: their flags (--ids, --out, --work, --comfyui, --threads, and
-    --steps when the study trains), ComfyUI and the pack loaded, the shipped base and adapter of `scale`'s family.
+def open_study(doc: str, out_name: str, argv=None, ids: int = 96, steps: int | None = None, scale: str = "cpu",
+               extra: dict | None = None):
+    """The common start of the validation studies: their flags (--ids, --out, --work, --comfyui, --threads, --steps
+    when the study trains, and `extra`: flag -> add_argument keywords), ComfyUI and the pack loaded, the shipped base
+    and adapter of `scale`'s family.
     -> (args, scale settings, patcher, clip, codec, shipped adapter, its recommended Generator settings)."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ids", type=int, default=ids, help="validation identities (2 captions each)")
     if steps is not None:
-        ap.add_argument("--steps", type=int, default=steps, help="steps past the shipped adapter's")
+        ap.add_argument("--steps", type=int, default=steps, help="adapter training steps (see the description above)")
+    for flag, kw in (extra or {}).items():
+        ap.add_argument(flag, **kw)
     ap.add_argument("--work", default=os.path.join(ROOT, ".synthetic"))
     ap.add_argument("--out", default=os.path.join(ROOT, ".synthetic", out_name))
     ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH") or os.path.join(ROOT, ".hosts", "0.3.75", "ComfyUI"))
@@ -412,12 +425,12 @@ class Generator:
 
     def apply(self, identity):
         return node_call(self.nodes["IDFusionApply"], "apply", self.patcher, self.adapter, identity, self.weight, 0.0,
-                         self.end_at, self.uncond, "cached", reference_tokens=self.reference_tokens)[0]
+                         self.end_at, self.uncond, "adapter default", reference_tokens=self.reference_tokens)[0]
 
     def apply_regions(self, idents, masks):
         kw = {f"identity_{i + 1}": x for i, x in enumerate(idents)}
         return node_call(self.nodes["IDFusionApplyMultiIdentity"], "apply", self.patcher, self.adapter, masks,
-                         self.weight, 0.0, self.end_at, self.uncond, "cached", **kw)[0]
+                         self.weight, 0.0, self.end_at, self.uncond, "adapter default", **kw)[0]
 
     def encode_text(self, captions):
         with torch.inference_mode():
@@ -547,6 +560,14 @@ def generate(gen, refs, captions, seed0, with_identity=True):
         model = gen.apply(gen.identity(list(r))) if with_identity else gen.patcher
         out.append(gen.sample(model, caps, seed=seed0 + i))
     return torch.cat(out)
+
+
+def read_cell(gen, refs, captions, seed0, truths, candidates, with_identity=True):
+    """generate, then the instrument's reading: -> (retrieval hits, per-attribute errors, mean flat-region energy)."""
+    import fit as F
+    pics = generate(gen, refs, captions, seed0, with_identity)
+    reads = F.fit(pics)
+    return retrieval_hits(reads, truths, candidates), errors(reads, truths), float(np.nanmean(flat_hf(pics, reads)))
 
 
 def off_set_background(rng) -> tuple:
