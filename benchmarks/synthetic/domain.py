@@ -190,11 +190,12 @@ def random_scene_from(rng, held_out: bool, **fixed) -> dict:
     return dict(choices[rng.integers(len(choices))])
 
 
-# Coarse words for an identity, the way people describe a face: a base model trained with some captions carrying them
-# learns, as a real text-to-image model has, to steer identity through cross-attention (issue 17's pathway study:
-# a base whose cross-attention only ever carried the scene passes little of K_f/V_f into the picture). Evaluation
-# captions never carry them. Each modifier names one attribute alone and no scene word is reused ("violet", not
-# "purple", a background): the word encoder has no context between words.
+# Coarse words for an identity, the way people describe a face, for a base model trained with some captions carrying
+# them, meant to steer identity through cross-attention as a real text-to-image model does (issue 17's pathway study:
+# a base whose cross-attention only ever carried the scene passes little of K_f/V_f into the picture). Measured in
+# caption_study.py: in the shipped base recipe's 4400 steps it barely learned them. Evaluation captions never carry
+# them. Each modifier names one attribute alone and no scene word is reused ("violet", not "purple", a background):
+# the word encoder has no context between words.
 HAIR_HUES = [(25, "pink"), (50, "red"), (75, "ginger"), (120, "blonde"), (200, "green"), (275, "blue"),
              (335, "violet"), (360, "pink")]   # upper hue bound (degrees, CIELAB) -> word; "green" is HAIR_HUE_BAND
 THIRDS = {"face_w": ("narrow", "broad"), "face_h": ("short", "long"), "eye_spacing": ("closeset", "wideset"),
