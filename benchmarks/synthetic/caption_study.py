@@ -83,13 +83,20 @@ def main(argv=None):
     rng = np.random.default_rng(8_500)
     plain = [caps[0] for caps in captions]
     worded = [D.described_caption(cap, ident, rng) for cap, ident in zip(plain, ids)]
-    agree = {}
+    agree, named = {}, [w for cap in worded for w in cap.split(", ")[4:]]
     for cell, caps in (("with words", worded), ("scene only", plain)):
         reads = F.fit(R.generate(gen, [None] * len(caps), [[cap] for cap in caps], 8_600, with_identity=False))
         agree[cell] = [w in D.descriptors(r["identity"]) for cap, r in zip(worded, reads)
                        for w in cap.split(", ")[4:]]
     out["described base follows its words"] = {
         cell: R.rate(a) for cell, a in agree.items()}
+    # per attribute, paired on the same seeds: the word's noun (skin, hair, eyes, face, mouth, fringe; "darkeyed" and
+    # "lighteyed" are eye colour)
+    nouns = [w.split()[-1] if " " in w else "eye colour" for w in named]
+    per = out["described base follows its words, per attribute"] = {}
+    for n in sorted(set(nouns)):
+        a, b = ([x for x, m in zip(agree[cell], nouns) if m == n] for cell in ("with words", "scene only"))
+        per[n] = {"with words": float(np.mean(a)), "scene only": float(np.mean(b)), **R.paired(a, b)}
     out["described base follows its words"]["note"] = ("share of the caption's descriptions (words appended to a "
                                                        "scene caption) that the fitted picture's own descriptions "
                                                        "contain; 'scene only': the same seeds without the words")
