@@ -83,11 +83,11 @@ def main(argv=None):
     rng = np.random.default_rng(8_500)
     plain = [caps[0] for caps in captions]
     worded = [D.described_caption(cap, ident, rng) for cap, ident in zip(plain, ids)]
-    agree, named = {}, [w for cap in worded for w in cap.split(", ")[4:]]
+    appended = [w.split(", ")[len(p.split(", ")):] for w, p in zip(worded, plain)]   # each picture's named features
+    named, agree = [w for ws in appended for w in ws], {}
     for cell, caps in (("with words", worded), ("scene only", plain)):
         reads = F.fit(R.generate(gen, [None] * len(caps), [[cap] for cap in caps], 8_600, with_identity=False))
-        agree[cell] = [w in D.descriptors(r["identity"]) for cap, r in zip(worded, reads)
-                       for w in cap.split(", ")[4:]]
+        agree[cell] = [w in D.descriptors(r["identity"]) for ws, r in zip(appended, reads) for w in ws]
     out["described base follows its words"] = {
         cell: R.rate(a) for cell, a in agree.items()}
     # per attribute, paired on the same seeds: the word's noun (skin, hair, eyes, face, mouth, fringe; "darkeyed" and
