@@ -41,42 +41,16 @@ def main(argv=None):
     import domain as D
     import fit as F   # after open_study: the pack is loaded there
     from idfusion_pack.idfusion import synthetic
-    from idfusion_pack.idfusion.adapter import IDFusionAdapter
     t0 = time.time()
     described = {**s, "describe": describe}
     base_path = os.path.join(args.work, f"caption-study-base-{R.key(R.base_phases(described)[-1])}.safetensors")
     if not os.path.isfile(base_path):
         R.ship_base(base_path, *R.train_base(described, args.work, torch.device("cpu")))
     bases = {"scene only": (s, (patcher, clip, codec)), "described": (described, synthetic.load(base_path)[:3])}
-    train_ids = D.identities("training", s["train_ids"])
-    adapters = {}
-    for name, (scale, (p, c, k)) in bases.items():
-        path, _ = R.train_adapter({**scale, "adapter_steps": args.steps}, args.work, p, c, k, train_ids,
-                                  R.key(R.base_phases(scale)[-1]))
-        adapters[name] = IDFusionAdapter.load(path)
-    trained = time.time() - t0
-    ids, candidates, truths, (refs, _, captions, _) = R.validation_cell(args.ids, 2, 8_100)
-    settings = {"shipped defaults": rec, "CFG 3 text only": {"cfg": 3.0, "uncond": "text only", "weight": 1.0}}
-    out = {"identities": args.ids, "pictures per cell": len(truths), "adapter steps": args.steps,
-           "describe": describe, "described base": os.path.basename(base_path), "settings": settings,
-           "seconds": {"training": round(trained)}}
-    for label, setting in settings.items():
-        hits, errs, hf = {}, {}, {}
-        for name, (_, (p, c, k)) in bases.items():
-            for with_identity in (True, False):
-                cell = name if with_identity else f"{name}, without adapter"
-                gen = R.Generator(p, c, k, adapters[name], s["eval_steps"], **setting)
-                hits[cell], errs[cell], hf[cell] = R.read_cell(gen, [[r] for r in refs], captions, 8_200, truths,
-                                                               candidates, with_identity)
-                R.log(f"{label}, {cell}: retrieval {np.mean(hits[cell]):.3f}, flat-region energy {hf[cell]:.2f}")
-        attrs = list(errs["scene only"])
-        out[label] = {
-            "retrieval": {a: R.rate(h) for a, h in hits.items()},
-            "described minus scene only": R.paired(hits["described"], hits["scene only"]),
-            "noise ratio": {a: hf[a] / hf[f"{a}, without adapter"] for a in bases},
-            "error": {a: {k: R.mean_se(e[k]) for k in attrs} for a, e in errs.items()},
-            "error ratio to without": {a: {k: float(np.mean(errs[a][k]) / np.mean(errs[f"{a}, without adapter"][k]))
-                                           for k in attrs} for a in bases}}
+    figures, adapters = R.compare_bases(args, s, rec, bases)
+    out = {**figures, "describe": describe, "described base": os.path.basename(base_path)}
+    settings = figures["settings"]
+    ids, _, _, (_, _, captions, _) = R.validation_cell(args.ids, 2, 8_100)   # the cell compare_bases read
     # the described base's words: the same seeds with and without 1-3 descriptions appended to the caption
     p, c, k = bases["described"][1]
     gen = R.Generator(p, c, k, adapters["described"], s["eval_steps"], **settings["CFG 3 text only"])
@@ -100,7 +74,7 @@ def main(argv=None):
     out["described base follows its words"]["note"] = ("share of the caption's descriptions (words appended to a "
                                                        "scene caption) that the fitted picture's own descriptions "
                                                        "contain; 'scene only': the same seeds without the words")
-    out["seconds"]["total"] = round(time.time() - t0)
+    out["seconds"] = {"total": round(time.time() - t0)}
     R.write_text_atomic(args.out, json.dumps(out, indent=1))
     print(json.dumps({**{label: {k: out[label][k] for k in ("retrieval", "described minus scene only", "noise ratio")}
                          for label in settings}, "words": out["described base follows its words"]}, indent=1))

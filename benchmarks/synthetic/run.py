@@ -106,7 +106,7 @@ def base_settings(s):
     if flux:
         unet = synthetic.flux_config(3 * D.FACTOR ** 2, s["hidden"], s["heads"], s["depth"], s["depth_single"])
     else:
-        unet = synthetic.unet_config(3 * D.FACTOR ** 2, D.SIZE // D.FACTOR, s["channels"])
+        unet = synthetic.unet_config(3 * D.FACTOR ** 2, D.SIZE // D.FACTOR, s["channels"], s.get("mult", (1, 2)))
     out = {"base_steps": s["base_steps"], "base_batch": s["base_batch"], "prediction": s["pred"], "unet": unet,
            "codec": {"pool": D.POOL, "factor": D.FACTOR}, "text": {"dim": unet.get("context_dim", unet.get("context_in_dim")), "length": 16},
            "vocabulary": D.vocabulary(described=bool(s.get("describe"))), "lr": s.get("base_lr", 1e-3), "ema": 0.999, "seed": SEED,
@@ -562,6 +562,45 @@ def generate(gen, refs, captions, seed0, with_identity=True):
     return torch.cat(out)
 
 
+def compare_bases(args, s, rec, bases: dict) -> tuple[dict, dict]:
+    """For the studies that change the base model: an adapter of `args.steps` steps (the shipped recipe otherwise)
+    trained from scratch on each base, and the same transfer cell (`args.ids` validation identities, one clean
+    reference each, two held-out captions, the same seeds) at the shipped defaults `rec` and at CFG 3 "text only",
+    with and without each adapter. bases: name -> (scale settings, (patcher, clip, codec)); the first is the control,
+    the others are each compared with it, paired on the same pictures.
+    -> (the figures, name -> adapter)."""
+    import domain as D
+    from idfusion_pack.idfusion.adapter import IDFusionAdapter
+    train_ids = D.identities("training", s["train_ids"])
+    adapters = {}
+    for name, (scale, (p, c, k)) in bases.items():
+        path, _ = train_adapter({**scale, "adapter_steps": args.steps}, args.work, p, c, k, train_ids,
+                                key(base_phases(scale)[-1]))
+        adapters[name] = IDFusionAdapter.load(path)
+    ids, candidates, truths, (refs, _, captions, _) = validation_cell(args.ids, 2, 8_100)
+    settings = {"shipped defaults": rec, "CFG 3 text only": {"cfg": 3.0, "uncond": "text only", "weight": 1.0}}
+    control, *tested = bases
+    out = {"identities": args.ids, "pictures per cell": len(truths), "adapter steps": args.steps, "settings": settings}
+    for label, setting in settings.items():
+        hits, errs, hf = {}, {}, {}
+        for name, (_, (p, c, k)) in bases.items():
+            for with_identity in (True, False):
+                cell = name if with_identity else f"{name}, without adapter"
+                gen = Generator(p, c, k, adapters[name], s["eval_steps"], **setting)
+                hits[cell], errs[cell], hf[cell] = read_cell(gen, [[r] for r in refs], captions, 8_200, truths,
+                                                             candidates, with_identity)
+                log(f"{label}, {cell}: retrieval {np.mean(hits[cell]):.3f}, flat-region energy {hf[cell]:.2f}")
+        attrs = list(errs[control])
+        out[label] = {
+            "retrieval": {a: rate(h) for a, h in hits.items()},
+            **{f"{name} minus {control}": paired(hits[name], hits[control]) for name in tested},
+            "noise ratio": {a: hf[a] / hf[f"{a}, without adapter"] for a in bases},
+            "error": {a: {k: mean_se(e[k]) for k in attrs} for a, e in errs.items()},
+            "error ratio to without": {a: {k: float(np.mean(errs[a][k]) / np.mean(errs[f"{a}, without adapter"][k]))
+                                           for k in attrs} for a in bases}}
+    return out, adapters
+
+
 def read_cell(gen, refs, captions, seed0, truths, candidates, with_identity=True):
     """generate, then the instrument's reading: -> (retrieval hits, per-attribute errors, mean flat-region energy)."""
     import fit as F
@@ -599,14 +638,15 @@ def degrade(pics: torch.Tensor, seed: int) -> torch.Tensor:
     return x.clamp(0, 255).round() / 127.5 - 1
 
 
-def calibrate(gen, n_ids, per, candidates):
+def calibrate(gen, n_ids, per, candidates, split="evaluation"):
     """The instrument on pictures whose truth is known, published with every result: clean drawings, degraded
-    drawings, and the base model's own img2img (denoise 0.5) of drawings, all of evaluation identities in held-out
-    scenes; retrieval is among the true identity and 99 other fresh candidates, as in the evaluation."""
+    drawings, and the base model's own img2img (denoise 0.5) of drawings, all of evaluation identities (studies that
+    compare base models: `split` validation) in held-out scenes; retrieval is among the true identity and 99 other
+    fresh candidates, as in the evaluation."""
     import domain as D
     import fit as F
     rng = np.random.default_rng(5_000)
-    ids = D.identities("evaluation", n_ids)
+    ids = D.identities(split, n_ids)
     truths = [i for i in ids for _ in range(per)]
     scenes = [D.random_scene_from(rng, held_out=True) for _ in truths]
     clean = D.render_batch([[t] for t in truths], scenes, rng.uniform(-D.JITTER, D.JITTER, (len(truths), 1, 2)))[0]
