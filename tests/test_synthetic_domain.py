@@ -91,6 +91,17 @@ def test_described_base_pool_keeps_the_pictures_and_describes_a_share_of_one_per
     assert "describe" not in R.base_settings(R.SCALES["smoke"]) and "broad" not in R.base_settings(R.SCALES["smoke"])["vocabulary"]
 
 
+def test_base_width_option_builds_that_unet_and_leaves_the_default_settings_alone():
+    import run as R   # benchmarks/synthetic/run.py: width_study's wide base is {channels, mult} in the scale
+    smoke = R.SCALES["smoke"]
+    assert R.base_settings({**smoke, "mult": (1, 2)}) == R.base_settings(smoke)   # the default: same cache key
+    wide = R.base_settings({**smoke, "channels": 64, "mult": (1, 1)})
+    assert R.key(wide) != R.key(R.base_settings(smoke))
+    dm = synthetic.build_patcher(wide["unet"], prediction="x0").model.diffusion_model
+    widths = [m.out_channels for m in dm.modules() if type(m).__name__ == "ResBlock"]
+    assert widths and set(widths) == {64}, widths
+
+
 def test_colour_conversions_round_trip():
     rgb = np.random.default_rng(0).uniform(0, 1, (100, 3))
     np.testing.assert_allclose(D.lab_to_srgb(D.srgb_to_lab(rgb)), rgb, atol=1e-9)
