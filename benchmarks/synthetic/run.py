@@ -638,9 +638,9 @@ def degrade(pics: torch.Tensor, seed: int) -> torch.Tensor:
     return x.clamp(0, 255).round() / 127.5 - 1
 
 
-def calibrate(gen, n_ids, per, candidates, split="evaluation"):
+def calibrate(gen, n_ids, per, candidates, split="evaluation", denoise=0.5):
     """The instrument on pictures whose truth is known, published with every result: clean drawings, degraded
-    drawings, and the base model's own img2img (denoise 0.5) of drawings, all of evaluation identities (studies that
+    drawings, and the base model's own img2img (`denoise`, 0.5 as published) of drawings, all of evaluation identities (studies that
     compare base models: `split` validation) in held-out scenes; retrieval is among the true identity and 99 other
     fresh candidates, as in the evaluation."""
     import domain as D
@@ -651,10 +651,10 @@ def calibrate(gen, n_ids, per, candidates, split="evaluation"):
     scenes = [D.random_scene_from(rng, held_out=True) for _ in truths]
     clean = D.render_batch([[t] for t in truths], scenes, rng.uniform(-D.JITTER, D.JITTER, (len(truths), 1, 2)))[0]
     img2img = torch.cat([gen.sample(gen.patcher, [D.caption(sc) for sc in scenes[i:i + 32]], seed=5_000 + i,
-                                    init=clean[i:i + 32], denoise=0.5) for i in range(0, len(truths), 32)])
+                                    init=clean[i:i + 32], denoise=denoise) for i in range(0, len(truths), 32)])
     out, pictures = {}, {}
     for name, pics in (("clean drawings", clean), ("blur 3x3 + noise sd 12", degrade(clean, 5_001)),
-                       ("base model img2img, denoise 0.5", img2img)):
+                       (f"base model img2img, denoise {denoise}", img2img)):
         reads = F.fit(pics)
         out[name] = {**{k: mean_se(v) for k, v in errors(reads, truths).items()}, **scene_rates(reads, scenes),
                      "retrieval": rate(retrieval_hits(reads, truths, candidates))}
