@@ -92,7 +92,7 @@ def test_described_base_pool_keeps_the_pictures_and_describes_a_share_of_one_per
 
 
 def test_base_width_option_builds_that_unet_and_leaves_the_default_settings_alone():
-    import run as R   # benchmarks/synthetic/run.py: width_study's wide base is {channels, mult} in the scale
+    import run as R   # benchmarks/synthetic/run.py: base_study.py's wide arm is {channels, mult} in the scale
     smoke = R.SCALES["smoke"]
     assert R.base_settings({**smoke, "mult": (1, 2)}) == R.base_settings(smoke)   # the default: same cache key
     wide = R.base_settings({**smoke, "channels": 64, "mult": (1, 1)})

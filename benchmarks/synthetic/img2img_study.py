@@ -1,7 +1,7 @@
 """Where does eye colour go in the base model's own img2img? (issue 17) Measured on VALIDATION identities only.
 
 The calibration's third row (the base model's img2img of known faces at denoise 0.5) loses eye colour (ΔE about 25,
-against 6 for skin), and no adapter so far carried eye colour either; width_study.py found a base with twice the
+against 6 for skin), and no adapter so far carried eye colour either; base_study.py --arm wide found a base with twice the
 first-level width loses it just the same. Two readings: the base cannot draw the eyes' colour at all, or at denoise
 0.5 the noise covers the few pixels of an eye and the base redraws them from its prior (which knows no identity).
 Here the same known drawings go through each base's img2img at several denoise strengths: if eye colour is kept at
