@@ -44,10 +44,9 @@ def main(argv=None):
     keep = ("retrieval", "skin", "hair", "eyes", "eye_spacing", "mouth_w", "face_w", "eye_size")
     for name, (p, c, k) in bases.items():
         gen = R.Generator(p, c, k, shipped, s["eval_steps"])   # the adapter is not used: img2img of the base alone
-        for i, d in enumerate(args.denoise):
-            cal, _ = R.calibrate(gen, args.ids, 1, candidates, split="validation", denoise=d)
-            if i == 0:
-                out["rows"]["clean drawings"] = {k: cal["clean drawings"][k] for k in keep}
+        cal, _ = R.calibrate(gen, args.ids, 1, candidates, split="validation", denoise=args.denoise)
+        out["rows"]["clean drawings"] = {k: cal["clean drawings"][k] for k in keep}   # the same for every base
+        for d in args.denoise:
             out["rows"][f"{name}, denoise {d}"] = {k: cal[f"base model img2img, denoise {d}"][k] for k in keep}
     # the denoiser's own error at a fixed noise level, one call, no sampler: RMS of (output - clean picture) against
     # RMS of (input - clean picture); a denoiser that passes a nearly clean input through has the first below the second

@@ -638,11 +638,11 @@ def degrade(pics: torch.Tensor, seed: int) -> torch.Tensor:
     return x.clamp(0, 255).round() / 127.5 - 1
 
 
-def calibrate(gen, n_ids, per, candidates, split="evaluation", denoise=0.5):
+def calibrate(gen, n_ids, per, candidates, split="evaluation", denoise=(0.5,)):
     """The instrument on pictures whose truth is known, published with every result: clean drawings, degraded
-    drawings, and the base model's own img2img (`denoise`, 0.5 as published) of drawings, all of evaluation identities (studies that
-    compare base models: `split` validation) in held-out scenes; retrieval is among the true identity and 99 other
-    fresh candidates, as in the evaluation."""
+    drawings, and the base model's own img2img (one row per strength in `denoise`; 0.5 as published) of drawings,
+    all of evaluation identities (studies that compare base models: `split` validation) in held-out scenes;
+    retrieval is among the true identity and 99 other fresh candidates, as in the evaluation."""
     import domain as D
     import fit as F
     rng = np.random.default_rng(5_000)
@@ -650,11 +650,11 @@ def calibrate(gen, n_ids, per, candidates, split="evaluation", denoise=0.5):
     truths = [i for i in ids for _ in range(per)]
     scenes = [D.random_scene_from(rng, held_out=True) for _ in truths]
     clean = D.render_batch([[t] for t in truths], scenes, rng.uniform(-D.JITTER, D.JITTER, (len(truths), 1, 2)))[0]
-    img2img = torch.cat([gen.sample(gen.patcher, [D.caption(sc) for sc in scenes[i:i + 32]], seed=5_000 + i,
-                                    init=clean[i:i + 32], denoise=denoise) for i in range(0, len(truths), 32)])
+    img2img = {f"base model img2img, denoise {d}": torch.cat([
+        gen.sample(gen.patcher, [D.caption(sc) for sc in scenes[i:i + 32]], seed=5_000 + i, init=clean[i:i + 32],
+                   denoise=d) for i in range(0, len(truths), 32)]) for d in denoise}
     out, pictures = {}, {}
-    for name, pics in (("clean drawings", clean), ("blur 3x3 + noise sd 12", degrade(clean, 5_001)),
-                       (f"base model img2img, denoise {denoise}", img2img)):
+    for name, pics in (("clean drawings", clean), ("blur 3x3 + noise sd 12", degrade(clean, 5_001)), *img2img.items()):
         reads = F.fit(pics)
         out[name] = {**{k: mean_se(v) for k, v in errors(reads, truths).items()}, **scene_rates(reads, scenes),
                      "retrieval": rate(retrieval_hits(reads, truths, candidates))}
