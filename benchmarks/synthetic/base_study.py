@@ -13,8 +13,8 @@ token holds. Each arm is the shipped base's recipe (pictures, captions, steps, s
             x / (sigma^2 + 1) minus the network's share, a skip path that keeps the input where the noise is low.
             (An x0 output was chosen for the shipped base because v left grain after short training; the grain
             ratio with against without the identity is measured here too.)
-against the shipped base (channels 64 / 128 over its two levels, x0 output). An adapter of `--steps` steps (the shipped recipe otherwise) is trained on each base from scratch, and both
-generate the same transfer cell (run.compare_bases: validation identities, held-out captions, the same seeds) at the
+against the shipped base (channels 64 / 128 over its two levels, x0 output). An adapter of `--steps` steps (the
+shipped recipe otherwise) is trained on each base from scratch, and both generate the same transfer cell (run.compare_bases: validation identities, held-out captions, the same seeds) at the
 shipped defaults and at CFG 3 "text only". Each base's own img2img (denoise 0.5) of validation drawings is read by
 the instrument too: the ceiling that base sets for any adapter.
 

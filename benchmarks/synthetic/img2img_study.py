@@ -1,8 +1,8 @@
 """Where does eye colour go in the base model's own img2img? (issue 17) Measured on VALIDATION identities only.
 
 The calibration's third row (the base model's img2img of known faces at denoise 0.5) loses eye colour (ΔE about 25,
-against 6 for skin), and no adapter so far carried eye colour either; base_study.py --arm wide found a base with twice the
-first-level width loses it just the same. Two readings: the base cannot draw the eyes' colour at all, or at denoise
+against 6 for skin), and no adapter so far carried eye colour either; base_study.py --arm wide found a base with
+twice the first-level width loses it just the same. Two readings: the base cannot draw the eyes' colour at all, or at denoise
 0.5 the noise covers the few pixels of an eye and the base redraws them from its prior (which knows no identity).
 Here the same known drawings go through each base's img2img at several denoise strengths: if eye colour is kept at
 low denoise and lost by 0.5, the base draws eye colour but does not keep it through noise of that level.
@@ -42,12 +42,6 @@ def main(argv=None):
     candidates = D.identities("candidates", 99)
     out = {"identities": args.ids, "bases": list(bases), "rows": {}}
     keep = ("retrieval", "skin", "hair", "eyes", "eye_spacing", "mouth_w", "face_w", "eye_size")
-    for name, (p, c, k) in bases.items():
-        gen = R.Generator(p, c, k, shipped, s["eval_steps"])   # the adapter is not used: img2img of the base alone
-        cal, _ = R.calibrate(gen, args.ids, 1, candidates, split="validation", denoise=args.denoise)
-        out["rows"]["clean drawings"] = {k: cal["clean drawings"][k] for k in keep}   # the same for every base
-        for d in args.denoise:
-            out["rows"][f"{name}, denoise {d}"] = {k: cal[f"base model img2img, denoise {d}"][k] for k in keep}
     # the denoiser's own error at a fixed noise level, one call, no sampler: RMS of (output - clean picture) against
     # RMS of (input - clean picture); a denoiser that passes a nearly clean input through has the first below the second
     rng = np.random.default_rng(9_000)
@@ -58,9 +52,12 @@ def main(argv=None):
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(9_001))
     out["denoiser error"] = {}
     for name, (p, c, k) in bases.items():
-        gen = R.Generator(p, c, k, shipped, s["eval_steps"])
-        ctx = gen.encode_text([""])
-        m = p.model
+        gen = R.Generator(p, c, k, shipped, s["eval_steps"])   # the adapter is not used: the base alone
+        cal, _ = R.calibrate(gen, args.ids, 1, candidates, split="validation", denoise=args.denoise)
+        out["rows"]["clean drawings"] = {k: cal["clean drawings"][k] for k in keep}   # the same for every base
+        for d in args.denoise:
+            out["rows"][f"{name}, denoise {d}"] = {k: cal[f"base model img2img, denoise {d}"][k] for k in keep}
+        ctx, m = gen.encode_text([""]), p.model
         with torch.inference_mode():
             for sig in (0.03, 0.1, 0.3, 1.0, 3.0):
                 sigma = torch.full((len(ids),), sig)
