@@ -13,6 +13,17 @@ token holds. Each arm is the shipped base's recipe (pictures, captions, steps, s
             x / (sigma^2 + 1) minus the network's share, a skip path that keeps the input where the noise is low.
             (An x0 output was chosen for the shipped base because v left grain after short training; the grain
             ratio with against without the identity is measured here too.)
+  token (`--arm token`, output token_study.json, added after the v arm lost): a 4 x 4 pixel token instead of 8 x 8
+            (codec pool 2, factor 4: the same 96 px face, shown at 192 px, on a 24 x 24 x 48 latent), x0 output as
+            shipped. Both arms above keep the 8 x 8 token, whose 192 values the 64-channel first level cannot carry
+            (x0 redraws with an error floor, v cannot take the noise out); a 4 x 4 token holds 48 values, under the
+            first level's 64 channels. base_cost.py measured the step cost before the run.
+            (Not run: base_cost.py measured a step 4.7x the shipped one, about 2.6 hours of base training here.)
+  longer (`--arm longer`, output longer_study.json, added after the token arm's cost): the shipped base trained
+            LONGER_STEPS more steps (a third phase like the second: min-snr-5, LR 5e-4, cosine), starting from the
+            shipped file's weights (fp16, as shipped; the fp32 training state is not kept). The x0 floor may be
+            training rather than width: the 128-channel base's floor was hardly lower (0.061 against 0.071), an eye
+            colour is three numbers that fit any width, and the loss was still falling when the base stopped.
 against the shipped base (channels 64 / 128 over its two levels, x0 output). An adapter of `--steps` steps (the
 shipped recipe otherwise) is trained on each base from scratch, and both generate the same transfer cell (run.compare_bases: validation identities, held-out captions, the same seeds) at the
 shipped defaults and at CFG 3 "text only". Each base's own img2img (denoise 0.5) of validation drawings is read by
@@ -22,7 +33,8 @@ Decision rule, written before each run: the arm's base replaces the shipped one 
 if its adapter beats the shipped base's by >= 2 paired SE at the shipped defaults, with <= 3% retrieval without the
 adapter.
 
-    .hosts/0.3.75/venv/bin/python benchmarks/synthetic/base_study.py --arm wide|v [--steps 1500] [--ids 96]
+    .hosts/0.3.75/venv/bin/python benchmarks/synthetic/base_study.py --arm wide|v|token|longer [--steps 1500] [--ids 96]
+        [--base-only]   (train and save the arm's base, then stop: img2img_study.py reads it)
 """
 from __future__ import annotations
 
@@ -38,24 +50,47 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path[:0] = [HERE, os.path.join(ROOT, "scripts")]
 
 
-ARMS = {"wide": {"channels": 128, "mult": (1, 1)}, "v": {"pred": "v"}}
-OUT = {"wide": "width_study.json", "v": "prediction_study.json"}
+LONGER_STEPS = 4000
+ARMS = {"wide": {"channels": 128, "mult": (1, 1)}, "v": {"pred": "v"}, "token": {"factor": 4},
+        "longer": {"then": "the shipped phases, then (LONGER_STEPS, 5e-4, min-snr-5)"}}
+OUT = {"wide": "width_study.json", "v": "prediction_study.json", "token": "token_study.json",
+       "longer": "longer_study.json"}
+
+
+def start_from_shipped(R, s, work, shipped_path):
+    """The shipped base's last phase, cached in `work` from the shipped file, so train_base runs only the phases after
+    it (the fp32 state it was saved from is not kept: this starts from the fp16 weights as shipped)."""
+    from idfusion_pack.idfusion import synthetic
+    from idfusion_pack.idfusion.adapter import read_safetensors, save_safetensors_atomic
+    path = os.path.join(work, f"base-{R.key(R.base_phases(s)[-1])}.safetensors")
+    if not os.path.isfile(path):
+        tensors, _ = read_safetensors(shipped_path, synthetic.FORMAT, "synthetic_faces model")
+        save_safetensors_atomic({k: v.float() for k, v in tensors.items()}, path, {
+            "format": "idfusion.synthetic_base", "format_version": "1",
+            "settings": json.dumps(R.base_phases(s)[-1], default=str), "from": os.path.basename(shipped_path)})
 
 
 def main(argv=None):
     import run as R
     args, s, patcher, clip, codec, shipped, rec = R.open_study(
         __doc__, "base_study.json", argv, ids=96, steps=1500,
-        extra={"--arm": dict(choices=list(ARMS), required=True, help="the base's one change (see above)")})
+        extra={"--arm": dict(choices=list(ARMS), required=True, help="the base's one change (see above)"),
+               "--base-only": dict(action="store_true", help="train and save the arm's base, nothing else")})
     if os.path.basename(args.out) == "base_study.json":   # the default: each arm its own file
         args.out = os.path.join(os.path.dirname(args.out), OUT[args.arm])
     import domain as D
     from idfusion_pack.idfusion import synthetic
     t0 = time.time()
     changed = {**s, **ARMS[args.arm]}
+    if args.arm == "longer":
+        changed["then"] = [*s["then"], (LONGER_STEPS, 5e-4, "min-snr-5")]
+        start_from_shipped(R, s, args.work, os.path.join(ROOT, "models", "synthetic_faces.safetensors"))
     base_path = os.path.join(args.work, f"study-base-{R.key(R.base_phases(changed)[-1])}.safetensors")
     if not os.path.isfile(base_path):
         R.ship_base(base_path, *R.train_base(changed, args.work, torch.device("cpu")))
+    if args.base_only:
+        print(base_path)
+        return
     bases = {"shipped": (s, (patcher, clip, codec)), args.arm: (changed, synthetic.load(base_path)[:3])}
     out, adapters = R.compare_bases(args, s, rec, bases)
     out[f"{args.arm} base"] = {"file": os.path.basename(base_path), "change": ARMS[args.arm],

@@ -387,18 +387,16 @@ def render(idents: list[dict], scene: dict, rng=None, jitter=None, background=No
 
 
 # ---- the base model's pieces (the model itself lives in the pack: idfusion/synthetic.py) ------------------
-def upscale(images: np.ndarray) -> np.ndarray:
-    """(..., H, W, 3) drawings at the model's resolution -> the pictures a user sees (each pixel POOL x POOL)."""
-    return images.repeat(POOL, -3).repeat(POOL, -2) if POOL > 1 else images
+def upscale(images: np.ndarray, pool: int = POOL) -> np.ndarray:
+    """(..., H, W, 3) drawings at the model's resolution -> the pictures a user sees (each pixel pool x pool; the
+    codec's pool, POOL for the shipped model)."""
+    return images.repeat(pool, -3).repeat(pool, -2) if pool > 1 else images
 
 
-def to_latent(x: torch.Tensor) -> torch.Tensor:
-    """Drawings (B, 3, H, W) in [-1, 1] -> latents; equal to the codec's encode of upscale(x)."""
-    return torch.nn.functional.pixel_unshuffle(x, FACTOR)
+def to_latent(x: torch.Tensor, factor: int = FACTOR) -> torch.Tensor:
+    """Drawings (B, 3, H, W) in [-1, 1] -> latents; equal to the codec's encode of upscale(x) (the codec's factor)."""
+    return torch.nn.functional.pixel_unshuffle(x, factor)
 
-
-def from_latent(latent: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.pixel_shuffle(latent.float(), FACTOR).clamp(-1, 1)
 
 
 def to_tensor(images: list[np.ndarray]) -> torch.Tensor:

@@ -48,10 +48,10 @@ def main(argv=None):
     ids = D.identities("validation", args.ids)
     clean = D.render_batch([[i] for i in ids], [D.random_scene_from(rng, held_out=True) for _ in ids],
                            rng.uniform(-D.JITTER, D.JITTER, (len(ids), 1, 2)))[0]
-    x0 = D.to_latent(clean.float())
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(9_001))
     out["denoiser error"] = {}
     for name, (p, c, k) in bases.items():
+        x0 = D.to_latent(clean.float(), k.factor)   # RMS in the model's pixels, whatever its token
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(9_001))
         gen = R.Generator(p, c, k, shipped, s["eval_steps"])   # the adapter is not used: the base alone
         cal, _ = R.calibrate(gen, args.ids, 1, candidates, split="validation", denoise=args.denoise)
         out["rows"]["clean drawings"] = {k: cal["clean drawings"][k] for k in keep}   # the same for every base

@@ -103,12 +103,13 @@ def base_settings(s):
     import domain as D
     from idfusion_pack.idfusion import synthetic
     flux = s.get("arch") == "flux"
+    factor = s.get("factor", D.FACTOR)   # the token: factor x factor pixels of the model's resolution
     if flux:
-        unet = synthetic.flux_config(3 * D.FACTOR ** 2, s["hidden"], s["heads"], s["depth"], s["depth_single"])
+        unet = synthetic.flux_config(3 * factor ** 2, s["hidden"], s["heads"], s["depth"], s["depth_single"])
     else:
-        unet = synthetic.unet_config(3 * D.FACTOR ** 2, D.SIZE // D.FACTOR, s["channels"], s.get("mult", (1, 2)))
+        unet = synthetic.unet_config(3 * factor ** 2, D.SIZE // factor, s["channels"], s.get("mult", (1, 2)))
     out = {"base_steps": s["base_steps"], "base_batch": s["base_batch"], "prediction": s["pred"], "unet": unet,
-           "codec": {"pool": D.POOL, "factor": D.FACTOR}, "text": {"dim": unet.get("context_dim", unet.get("context_in_dim")), "length": 16},
+           "codec": {"pool": 8 // factor, "factor": factor}, "text": {"dim": unet.get("context_dim", unet.get("context_in_dim")), "length": 16},
            "vocabulary": D.vocabulary(described=bool(s.get("describe"))), "lr": s.get("base_lr", 1e-3), "ema": 0.999, "seed": SEED,
            "train_ids": s["train_ids"], "pool": s["pool"], "domain": "continuous-v1"}
     if flux:   # only then: the UNet's settings (and so its cache key) stay what they were
@@ -198,7 +199,7 @@ def train_base(s, work, device):
     t0 = time.time()
     singles, s_caps, doubles, d_caps = render_pool(s, seed=1)
     log(f"base model: drew {len(singles)} + {len(doubles)} training pictures in {time.time() - t0:.0f}s")
-    as_latent = lambda pics: D.to_latent(D.to_tensor(list(pics)))   # noqa: E731
+    as_latent = lambda pics: D.to_latent(D.to_tensor(list(pics)), settings["codec"]["factor"])   # noqa: E731
     ms = model.model_sampling
     params = list(model.diffusion_model.parameters()) + list(text.parameters())
     for p in params:
@@ -261,9 +262,17 @@ def ship_base(path, unet_state, text_state, settings, figures=None):
 
 
 # ---- stage 3: adapter --------------------------------------------------------------------------
-def write_dataset(folder, idents, per_id, seed):
-    """One folder per training identity: pictures at the model's size with face masks, captions from the 36 training
-    scenes only (the reference of a sample is another picture of its identity, in another scene)."""
+def adapter_data(work, ids, per_id, codec):
+    """The adapter's drawn dataset folder: one per identity count, pictures per identity and codec pool (the pool
+    enters the key only when it is not 1, so the shipped base's folder keeps its name)."""
+    drawn = {"ids": ids, "per_id": per_id, "v": 3, **({"pool": codec.pool} if codec.pool > 1 else {})}
+    return os.path.join(work, f"adapter-data-{key(drawn)}")
+
+
+def write_dataset(folder, idents, per_id, seed, pool=1):
+    """One folder per training identity: pictures at the size a user of the codec sees (each pixel pool x pool) with
+    face masks, captions from the 36 training scenes only (the reference of a sample is another picture of its
+    identity, in another scene)."""
     import domain as D
     from PIL import Image
     rng = np.random.default_rng(seed)
@@ -272,8 +281,8 @@ def write_dataset(folder, idents, per_id, seed):
         faces = [[ident] for ident in chunk for _ in range(per_id)]
         scenes = [D.random_scene_from(rng, held_out=False) for _ in faces]
         pics, masks = D.render_batch(faces, scenes, rng.uniform(-D.JITTER, D.JITTER, (len(faces), 1, 2)))
-        pics = D.to_uint8(pics)
-        masks = (masks.numpy() * 255).round().astype(np.uint8)
+        pics = D.upscale(D.to_uint8(pics), pool)
+        masks = D.upscale((masks.numpy() * 255).round().astype(np.uint8)[..., None], pool)[..., 0]
         for n, (pic, mask, scene) in enumerate(zip(pics, masks, scenes)):
             d = os.path.join(folder, f"id{start + n // per_id:04d}")
             os.makedirs(d, exist_ok=True)
@@ -303,13 +312,13 @@ def train_adapter(s, work, patcher, clip, codec, train_idents, base_key, referen
     settings = {"cfg": {k: v for k, v in cfg.__dict__.items() if k not in later or v != later[k]},
                 "ids": len(train_idents), "per_id": s["per_id"], "base": base_key, "v": 3}
     out = os.path.join(work, f"adapter-{key(settings)}")
-    data = os.path.join(work, f"adapter-data-{key({'ids': len(train_idents), 'per_id': s['per_id'], 'v': 3})}")
+    data = adapter_data(work, len(train_idents), s["per_id"], codec)
     if not os.path.isdir(data):
         t0 = time.time()
-        write_dataset(data + ".tmp", train_idents, s["per_id"], seed=5)
+        write_dataset(data + ".tmp", train_idents, s["per_id"], seed=5, pool=codec.pool)
         os.replace(data + ".tmp", data)
         log(f"adapter: drew its dataset in {time.time() - t0:.0f}s")
-    ds = FaceDataset(data, D.PICTURE)
+    ds = FaceDataset(data, D.SIZE * codec.pool)   # the pictures a user of this codec sees
     trainer = Trainer(patcher, clip, codec, ds, out, "synthetic", cfg)
     trainer.resume()
     t0 = time.time()
@@ -374,8 +383,8 @@ def continue_adapter(s, work, patcher, clip, codec, base_key, steps, overrides, 
     if not os.path.isfile(state):
         shutil.copyfile(src.replace(".safetensors", ".train-state.safetensors"), state)
     cfg = TrainConfig(**{**adapter_recipe(s), "steps": total, "save_every": 500, **overrides})
-    data = os.path.join(work, f"adapter-data-{key({'ids': len(train_ids), 'per_id': s['per_id'], 'v': 3})}")
-    trainer = Trainer(patcher, clip, codec, FaceDataset(data, D.PICTURE), out, "synthetic", cfg)
+    data = adapter_data(work, len(train_ids), s["per_id"], codec)
+    trainer = Trainer(patcher, clip, codec, FaceDataset(data, D.SIZE * codec.pool), out, "synthetic", cfg)
     trainer.resume()
     t0 = time.time()
     if trainer.step < total:
@@ -420,7 +429,7 @@ class Generator:
         self.nodes = {k: v() for k, v in idfusion_pack.NODE_CLASS_MAPPINGS.items()}
 
     def identity(self, drawings: list[np.ndarray], name="ref"):
-        images = torch.from_numpy(self.D.upscale(np.stack(drawings))).float() / 255.0
+        images = torch.from_numpy(self.D.upscale(np.stack(drawings), self.codec.pool)).float() / 255.0
         return node_call(self.nodes["IDFusionEncodeReference"], "encode", self.patcher, self.codec, images, 0, name)[0]
 
     def apply(self, identity):
@@ -442,10 +451,11 @@ class Generator:
         import comfy.sample
         D = self.D
         width = width or D.SIZE
+        f = self.codec.factor
         if init is not None:
-            latent = D.to_latent(init.float())
+            latent = D.to_latent(init.float(), f)
         else:
-            latent = torch.zeros(len(captions), 3 * D.FACTOR ** 2, D.SIZE // D.FACTOR, width // D.FACTOR)
+            latent = torch.zeros(len(captions), self.codec.latent_channels, D.SIZE // f, width // f)
         extra = {"pooled_output": None} if self.flux else {}   # model_base.Flux reads it (None: the word encoder has none)
         with torch.inference_mode():
             noise = comfy.sample.prepare_noise(latent, seed)
@@ -454,8 +464,8 @@ class Generator:
             x = comfy.sample.sample(model, noise, self.steps, self.cfg, "euler", "normal", pos, neg, latent,
                                     denoise=denoise, seed=seed, disable_pbar=True)
             pictures = self.codec.decode(x).movedim(-1, 1)
-            if D.POOL > 1:
-                pictures = torch.nn.functional.avg_pool2d(pictures, D.POOL)
+            if self.codec.pool > 1:
+                pictures = torch.nn.functional.avg_pool2d(pictures, self.codec.pool)
             return (pictures * 255).round() / 127.5 - 1     # 8-bit, as SaveImage would write it
 
 
@@ -805,9 +815,9 @@ def evaluate(s, gen, train_ids):
     log(f"extrapolation: closer {rate(closer)['p']:.3f}, hue in band {rate(in_band)['p']:.3f}")
 
     # (d) two identities in one picture, left and right regions (Eq. 7 masks)
-    W = 2 * D.SIZE
-    left = torch.zeros(1, D.PICTURE, W * D.POOL)
-    left[..., : D.PICTURE] = 1
+    W, P = 2 * D.SIZE, D.SIZE * gen.codec.pool   # masks at the size of the pictures a user sees
+    left = torch.zeros(1, P, 2 * P)
+    left[..., :P] = 1
     masks = torch.cat([left, 1 - left])
     own, partner, leaks, confs = [], [], [], []
     r4 = np.random.default_rng(13_000)
