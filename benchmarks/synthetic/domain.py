@@ -398,7 +398,6 @@ def to_latent(x: torch.Tensor, factor: int = FACTOR) -> torch.Tensor:
     return torch.nn.functional.pixel_unshuffle(x, factor)
 
 
-
 def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).float().div(127.5).sub(1.0).permute(0, 3, 1, 2)
 
