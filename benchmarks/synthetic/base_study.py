@@ -18,7 +18,8 @@ token holds. Each arm is the shipped base's recipe (pictures, captions, steps, s
             shipped. Both arms above keep the 8 x 8 token, whose 192 values the 64-channel first level cannot carry
             (x0 redraws with an error floor, v cannot take the noise out); a 4 x 4 token holds 48 values, under the
             first level's 64 channels. base_cost.py measured the step cost before the run.
-            (Not run: base_cost.py measured a step 4.7x the shipped one, about 2.6 hours of base training here.)
+            (Not run: base_cost.py measured a step 4.7x the shipped one on a loaded machine, 4.0x on 2026-12-07: over an
+            hour of base training here.)
   longer (`--arm longer`, output longer_study.json, added after the token arm's cost): the shipped base trained
             LONGER_STEPS more steps (a third phase like the second: min-snr-5, LR 5e-4, cosine), starting from the
             shipped file's weights (fp16, as shipped; the fp32 training state is not kept). The x0 floor may be
