@@ -19,7 +19,11 @@ token holds. Each arm is the shipped base's recipe (pictures, captions, steps, s
             (x0 redraws with an error floor, v cannot take the noise out); a 4 x 4 token holds 48 values, under the
             first level's 64 channels. base_cost.py measured the step cost before the run.
             (Not run: base_cost.py measured a step 4.7x the shipped one on a loaded machine, 4.0x on 2026-12-07: over an
-            hour of base training here.)
+            hour of base training here.) First run 2026-12-07 as `--base-only`, then img2img_study.py on its base
+            alone, written before it ran: the token reading holds if the token base's own img2img at denoise 0.1 keeps
+            eye colour at dE <= 12 (the 8 x 8 bases: 21-23; clean drawings 3.6) with its floor at sigma 0.03 below the
+            shipped 0.071; then its adapter (this arm without --base-only) is the next run. Otherwise the reading is
+            refuted and the token is not the lever for eye colour.
   longer (`--arm longer`, output longer_study.json, added after the token arm's cost): the shipped base trained
             LONGER_STEPS more steps (a third phase like the second: min-snr-5, LR 5e-4, cosine), starting from the
             shipped file's weights (fp16, as shipped; the fp32 training state is not kept). The x0 floor may be
