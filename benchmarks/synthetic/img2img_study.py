@@ -11,6 +11,7 @@ RMS of its output minus the clean picture, against RMS of its input minus the cl
 Bases: the shipped one, and every base base_study.py trained in --work (named by its cache key).
 
     .hosts/0.3.75/venv/bin/python benchmarks/synthetic/img2img_study.py [--ids 96] [--denoise 0.1 0.2 0.35 0.5]
+        [--bases KEY ...]   (only these study bases besides the shipped one)
 """
 from __future__ import annotations
 
@@ -32,13 +33,21 @@ def main(argv=None):
     import run as R
     args, s, patcher, clip, codec, shipped, rec = R.open_study(
         __doc__, "img2img_study.json", argv, ids=96,
-        extra={"--denoise": dict(type=float, nargs="+", default=[0.1, 0.2, 0.35, 0.5], help="img2img strengths")})
+        extra={"--denoise": dict(type=float, nargs="+", default=[0.1, 0.2, 0.35, 0.5], help="img2img strengths"),
+               "--bases": dict(nargs="+", metavar="KEY", help="only these study bases (cache keys, as in "
+                               "study-base-KEY.safetensors) besides the shipped one; default: every one in --work")})
     import domain as D
     from idfusion_pack.idfusion import synthetic
     t0 = time.time()
     bases = {"shipped": (patcher, clip, codec)}
     for path in sorted(glob.glob(os.path.join(args.work, "study-base-*.safetensors"))):
-        bases[os.path.basename(path)[len("study-base-"):-len(".safetensors")]] = synthetic.load(path)[:3]
+        name = os.path.basename(path)[len("study-base-"):-len(".safetensors")]
+        if args.bases is None or name in args.bases:
+            bases[name] = synthetic.load(path)[:3]
+    missing = set(args.bases or ()) - set(bases)
+    if missing:
+        raise SystemExit(f"--bases: no study-base-KEY.safetensors in {args.work} for {sorted(missing)}; "
+                         "train it first (base_study.py --arm ... --base-only prints its path)")
     candidates = D.identities("candidates", 99)
     out = {"identities": args.ids, "bases": list(bases), "rows": {}}
     keep = ("retrieval", "skin", "hair", "eyes", "eye_spacing", "mouth_w", "face_w", "eye_size")
