@@ -33,6 +33,17 @@ token holds. Each arm is the shipped base's recipe (pictures, captions, steps, s
             its floor fell, 0.071 to 0.058, and its adapter won 1.0 SE at the shipped defaults, 2.2 at CFG 3 text
             only): the longer base with a second phase of LONGER_STEPS like its third (the LR restarts its cosine),
             so the dose is doubled and the longer arm's cached phase is reused. Does the trend go on?
+  features (`--arm features`, output features_study.json, added after the token arm's base-only run and before this
+            one ran): the longer arm with one change: in its third phase the pixels of the eyes and mouth
+            (domain.feature_map: eye whites, irises, lips, mouth inside; 3.1% of a training picture) weigh 1 + 30 in the
+            loss, so that they carry about half of it (0.031 x 31 against 0.969). Why: the token base's own img2img
+            lowered the floor to 0.042 (shipped 0.071) and still redrew eye colour (dE 20.8 at denoise 0.1), and the
+            mean colour of the pixels that are wholly iris in the truth is as far off as the fit reads it (dE 20-24,
+            /tmp diagnostic of 2026-12-07, summarised in the docs): the base paints irises from its prior whatever its
+            token, width or training length, as an MSE that weighs every pixel alike allows for 3% of the picture.
+            Control: the longer arm (same start, steps, LR and weighting otherwise). Reading, written before it ran:
+            the weighting is the lever for eye colour if its own img2img at denoise 0.1 keeps eye colour at dE <= 12
+            (longer: 22.4); its adapter then faces the decision rule below like every arm.
 against the shipped base (channels 64 / 128 over its two levels, x0 output). An adapter of `--steps` steps (the
 shipped recipe otherwise) is trained on each base from scratch, and both generate the same transfer cell (run.compare_bases: validation identities, held-out captions, the same seeds) at the
 shipped defaults and at CFG 3 "text only". Each base's own img2img (denoise 0.5) of validation drawings is read by
@@ -42,7 +53,7 @@ Decision rule, written before each run: the arm's base replaces the shipped one 
 if its adapter beats the shipped base's by >= 2 paired SE at the shipped defaults, with <= 3% retrieval without the
 adapter.
 
-    .hosts/0.3.75/venv/bin/python benchmarks/synthetic/base_study.py --arm wide|v|token|longer|longest [--steps 1500] [--ids 96]
+    .hosts/0.3.75/venv/bin/python benchmarks/synthetic/base_study.py --arm wide|v|token|longer|longest|features [--steps 1500] [--ids 96]
         [--base-only]   (train and save the arm's base, then stop: img2img_study.py reads it)
 """
 from __future__ import annotations
@@ -62,10 +73,13 @@ sys.path[:0] = [HERE, os.path.join(ROOT, "scripts")]
 LONGER_STEPS = 4000
 ARMS = {"wide": {"channels": 128, "mult": (1, 1)}, "v": {"pred": "v"}, "token": {"factor": 4},
         "longer": {"then": "the shipped phases, then (LONGER_STEPS, 5e-4, min-snr-5)"},
-        "longest": {"then": "the shipped phases, then (LONGER_STEPS, 5e-4, min-snr-5) twice"}}
+        "longest": {"then": "the shipped phases, then (LONGER_STEPS, 5e-4, min-snr-5) twice"},
+        "features": {"then": "the shipped phases, then (LONGER_STEPS, 5e-4, min-snr-5+features-30)"}}
 OUT = {"wide": "width_study.json", "v": "prediction_study.json", "token": "token_study.json",
-       "longer": "longer_study.json", "longest": "longest_study.json"}
-EXTRA_PHASES = {"longer": 1, "longest": 2}   # phases of LONGER_STEPS after the shipped ones
+       "longer": "longer_study.json", "longest": "longest_study.json", "features": "features_study.json"}
+LONGER = (LONGER_STEPS, 5e-4, "min-snr-5")
+EXTRA_PHASES = {"longer": [LONGER], "longest": [LONGER, LONGER],   # phases after the shipped ones
+                "features": [(LONGER_STEPS, 5e-4, "min-snr-5+features-30")]}
 
 
 def start_from_shipped(R, s, work, shipped_path):
@@ -94,7 +108,7 @@ def main(argv=None):
     t0 = time.time()
     changed = {**s, **ARMS[args.arm]}
     if args.arm in EXTRA_PHASES:
-        changed["then"] = [*s["then"], *[(LONGER_STEPS, 5e-4, "min-snr-5")] * EXTRA_PHASES[args.arm]]
+        changed["then"] = [*s["then"], *EXTRA_PHASES[args.arm]]
         start_from_shipped(R, s, args.work, os.path.join(ROOT, "models", "synthetic_faces.safetensors"))
     base_path = os.path.join(args.work, f"study-base-{R.key(R.base_phases(changed)[-1])}.safetensors")
     if not os.path.isfile(base_path):

@@ -376,6 +376,22 @@ def render_batch(faces: list[list[dict]], scenes: list[dict], jitter, background
     return (pic.clamp(0, 1) * 255).round() / 127.5 - 1, mask
 
 
+FEATURES = ("eye white", "eyes", "lips", "mouth inside")   # the small parts: 5 of the 16 identity dims live here
+
+
+def feature_map(faces: list[list[dict]], scenes: list[dict], jitter, keys=FEATURES, tau: float = TAU) -> torch.Tensor:
+    """How much of each pixel the layers of colour keys `keys` cover, for the pictures render_batch draws from the same
+    arguments -> (B, SIZE, n*SIZE) in [0, 1]."""
+    B, n = len(faces), len(faces[0])
+    jitter = np.asarray(jitter, dtype=np.float64).reshape(B, n, 2)
+    x, y = grid(SIZE * n)
+    out = torch.zeros(B, SIZE, SIZE * n)
+    for i in range(n):
+        w = visibility(layers(params([f[i] for f in faces], scenes, jitter[:, i], offsets=np.full(B, i * SIZE)), x, y, tau))
+        out = torch.maximum(out, sum(w[k] for k in keys if k in w))
+    return out
+
+
 def render(idents: list[dict], scene: dict, rng=None, jitter=None, background=None, tau: float = TAU):
     """One picture (H, W, 3) uint8 of one or two faces side by side (the same scene), and its face mask (H, W).
     jitter: ((jx, jy), ...) per face (default: uniform in the training range)."""

@@ -73,30 +73,35 @@ def key(d: dict) -> str:
 
 
 # ---- stage 1-2: base model ---------------------------------------------------------------------
-def render_pool(s, seed):
+def render_pool(s, seed, features=False):
     """Training pictures for the base model: random training identities in random scenes (uint8 drawings), with
     their captions; a fifth as many pictures of two people side by side. With s["describe"] = p, that share of the
     one-person captions also names 1-3 coarse features of the face (domain.described_caption; its own seed, so the
-    pictures stay the same)."""
+    pictures stay the same). features: also each picture's domain.feature_map (uint8, 255 = wholly eye or mouth),
+    appended after each group's captions; the pictures and captions stay the same."""
     import domain as D
     rng = np.random.default_rng(seed)
     train = D.identities("training", s["train_ids"])
-    out, drawn = [], []
+    out, drawn, maps = [], [], []
     for n, two in zip(s["pool"], (False, True)):
-        pics, caps = [], []
+        pics, caps, fmaps = [], [], []
         for start in range(0, n, 256):
             m = min(256, n - start)
             scenes = [{**D.random_scene(rng), **({"pose": "facing front"} if two else {})} for _ in range(m)]
             faces = [[train[j] for j in rng.choice(len(train), 2 if two else 1, replace=False)] for _ in range(m)]
-            pics.append(D.to_uint8(D.render_batch(faces, scenes, rng.uniform(-D.JITTER, D.JITTER, (m, 2 if two else 1, 2)))[0]))
+            jitter = rng.uniform(-D.JITTER, D.JITTER, (m, 2 if two else 1, 2))
+            pics.append(D.to_uint8(D.render_batch(faces, scenes, jitter)[0]))
+            if features:
+                fmaps.append((D.feature_map(faces, scenes, jitter) * 255).round().to(torch.uint8).numpy())
             caps += [D.caption(sc, two=two) for sc in scenes]
             drawn += [f[0] for f in faces]
         out += [np.concatenate(pics), caps]
+        maps.append(np.concatenate(fmaps) if features else None)
     if s.get("describe"):
         words = np.random.default_rng(seed + 100)
         out[1] = [D.described_caption(c, ident, words) if words.random() < s["describe"] else c
                   for c, ident in zip(out[1], drawn[:len(out[1])])]
-    return out
+    return out + maps if features else out
 
 
 def base_settings(s):
@@ -123,10 +128,20 @@ def architecture(settings) -> str:
     return settings.get("architecture", "unet")
 
 
+def feature_weight(weighting: str) -> tuple[str, float]:
+    """"<weighting>+features-<k>" -> (weighting, k): the pixels of the eyes and mouth (domain.feature_map) weigh 1 + k
+    in the loss instead of 1. They are about 2% of a picture and hold 5 of the 16 identity dims; an MSE that weighs
+    every pixel alike lets the base draw them from its prior (base_study.py --arm features)."""
+    name, _, k = weighting.partition("+features-")
+    return name, float(k) if k else 0.0
+
+
 def loss_weight(sigma: torch.Tensor, weighting: str) -> torch.Tensor:
     """x0-space loss weights. "v": v-prediction's MSE, (sigma^2 + 1) / sigma^2, which puts almost all the gradient on
     nearly clean pictures (weight 1100 at sigma 0.03, 1 at sigma 14). "min-snr-5": the same, capped at 5 (Min-SNR
-    weighting, Hang et al. 2023), so the noisy steps that decide where the eyes and mouth go get their share."""
+    weighting, Hang et al. 2023), so the noisy steps that decide where the eyes and mouth go get their share.
+    A "+features-k" suffix (feature_weight) weighs pixels, not noise levels: it is ignored here."""
+    weighting = feature_weight(weighting)[0]
     w = (sigma ** 2 + 1) / sigma ** 2
     if weighting == "v":
         return w
@@ -197,7 +212,8 @@ def train_base(s, work, device):
     tok = synthetic.WordTokenizer(tokenizer_data={"vocabulary": vocab, "length": settings["text"]["length"]})
     tokens = lambda texts: torch.tensor([[p[0] for p in tok.tokenize_with_weights(t)["words"][0]] for t in texts])
     t0 = time.time()
-    singles, s_caps, doubles, d_caps = render_pool(s, seed=1)
+    features = any(feature_weight(th["weighting"])[1] for th in settings.get("then", [])[max(done, 0):])
+    singles, s_caps, doubles, d_caps, *maps = render_pool(s, seed=1, features=features)
     log(f"base model: drew {len(singles)} + {len(doubles)} training pictures in {time.time() - t0:.0f}s")
     as_latent = lambda pics: D.to_latent(D.to_tensor(list(pics)), settings["codec"]["factor"])   # noqa: E731
     ms = model.model_sampling
@@ -221,13 +237,18 @@ def train_base(s, work, device):
             pool, caps = (doubles, d_caps) if two else (singles, s_caps)
             idx = torch.randint(len(pool), (B // 2 if two else B,), generator=g)
             x0 = as_latent(pool[idx.numpy()]).to(device)
+            _, k = feature_weight(weighting)
+            pixel_w = 1.0
+            if k:   # the eyes' and mouth's pixels weigh 1 + k, laid out like the latent (every channel of a pixel)
+                fmap = torch.from_numpy(maps[1 if two else 0][idx.numpy()]).float().div(255)[:, None].expand(-1, 3, -1, -1)
+                pixel_w = (1 + k * D.to_latent(fmap, settings["codec"]["factor"])).to(device)
             texts = [caps[i] if torch.rand(1, generator=g) > 0.1 else "" for i in idx.tolist()]   # 10% unconditional
             ctx = text(tokens(texts).to(device))
             t = torch.randint(0, 1000, (x0.shape[0],), generator=g).float()
             sigma = (patch_flux.train_sigma(ms, t) if flux else ms.sigma(t)).to(device)
             noise = torch.randn(x0.shape, generator=g).to(device)
             denoised = model.apply_model(ms.noise_scaling(sigma.view(-1, 1, 1, 1), noise, x0), sigma, c_crossattn=ctx)
-            loss = (((denoised - x0) ** 2) * loss_weight(sigma, weighting).view(-1, 1, 1, 1)).mean()
+            loss = (((denoised - x0) ** 2) * pixel_w * loss_weight(sigma, weighting).view(-1, 1, 1, 1)).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
