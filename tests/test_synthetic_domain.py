@@ -266,3 +266,25 @@ def test_the_dit_family_is_comfyuis_flux_class_on_the_flow_schedule_with_an_x0_o
     for k, v in loaded.model.diffusion_model.state_dict().items():
         assert torch.equal(v, state[k]), k
     assert isinstance(loaded.get_model_object("model_sampling"), cms.X0)
+
+
+def test_feature_map_covers_the_eyes_and_mouth_only_and_leaves_the_training_pictures_alone():
+    import run as R   # base_study.py --arm features weighs these pixels in the base's loss
+    ident = D.identities("validation", 1)[0]
+    scene = {"expression": "neutral", "pose": "facing front", "background": "grey"}
+    fmap = D.feature_map([[ident]], [scene], [[(0.0, 0.0)]])[0]
+    p = {k: float(v[0]) for k, v in D.params([ident], [scene], [(0.0, 0.0)]).items()}
+    eye_y = int(p["cy"] - 0.12 * p["ah"])
+    for sx in (-1, 1):                                      # each iris centre is wholly feature
+        assert fmap[eye_y, int(p["cx"] + sx * p["spacing"])] > 0.99
+    assert fmap[eye_y, int(p["cx"])] < 0.01                 # skin between the eyes is not
+    assert fmap[0, 0] == 0 and fmap[int(p["cy"] - 0.5 * p["ah"]), int(p["cx"])] < 0.01   # background, forehead
+    assert fmap[int(p["cy"] + 0.45 * p["ah"]), int(p["cx"])] > 0.5                        # the mouth's line
+    assert 0.005 < float(fmap.mean()) < 0.08, float(fmap.mean())
+    small = {**R.SCALES["smoke"], "pool": (40, 12)}
+    plain, weighted = R.render_pool(small, 3), R.render_pool(small, 3, features=True)
+    assert all(np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b for a, b in zip(plain, weighted[:4]))
+    assert weighted[4].shape == (40, D.SIZE, D.SIZE) and weighted[5].shape == (12, D.SIZE, 2 * D.SIZE)
+    assert R.feature_weight("min-snr-5+features-30") == ("min-snr-5", 30.0) and R.feature_weight("v") == ("v", 0.0)
+    sigma = torch.tensor([0.1, 10.0])
+    assert torch.equal(R.loss_weight(sigma, "min-snr-5+features-30"), R.loss_weight(sigma, "min-snr-5"))
