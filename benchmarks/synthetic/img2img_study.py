@@ -50,7 +50,7 @@ def main(argv=None):
                          "train it first (base_study.py --arm ... --base-only prints its path)")
     candidates = D.identities("candidates", 99)
     out = {"identities": args.ids, "bases": list(bases), "rows": {}}
-    keep = ("retrieval", "skin", "hair", "eyes", "eye_spacing", "mouth_w", "face_w", "eye_size")
+    keep = ("retrieval", "skin", "hair", "eyes", "eyes, iris pixels", "eye_spacing", "mouth_w", "face_w", "eye_size")
     # the denoiser's own error at a fixed noise level, one call, no sampler: RMS of (output - clean picture) against
     # RMS of (input - clean picture); a denoiser that passes a nearly clean input through has the first below the second
     rng = np.random.default_rng(9_000)

@@ -680,7 +680,16 @@ def calibrate(gen, n_ids, per, candidates, split="evaluation", denoise=(0.5,)):
     ids = D.identities(split, n_ids)
     truths = [i for i in ids for _ in range(per)]
     scenes = [D.random_scene_from(rng, held_out=True) for _ in truths]
-    clean = D.render_batch([[t] for t in truths], scenes, rng.uniform(-D.JITTER, D.JITTER, (len(truths), 1, 2)))[0]
+    jitter = rng.uniform(-D.JITTER, D.JITTER, (len(truths), 1, 2))
+    clean = D.render_batch([[t] for t in truths], scenes, jitter)[0]
+    # a check on the fit with no fitting: the mean colour of the pixels that are (nearly) wholly iris in the truth
+    iris = (D.feature_map([[t] for t in truths], scenes, jitter, keys=("eyes",)) > 0.9).float()
+    drawn_eyes = D.srgb_to_lab(D.colours_of(truths, [sc["background"] for sc in scenes])["eyes"].numpy())
+
+    def iris_pixels(pics):
+        rgb = ((pics.float() + 1) / 2).clamp(0, 1)
+        mean = (rgb * iris[:, None]).sum((2, 3)) / iris.sum((1, 2))[:, None].clamp(min=1)
+        return mean_se(D.delta_e(D.srgb_to_lab(mean.numpy()), drawn_eyes))
     img2img = {f"base model img2img, denoise {d}": torch.cat([
         gen.sample(gen.patcher, [D.caption(sc) for sc in scenes[i:i + 32]], seed=5_000 + i, init=clean[i:i + 32],
                    denoise=d) for i in range(0, len(truths), 32)]) for d in denoise}
@@ -688,7 +697,7 @@ def calibrate(gen, n_ids, per, candidates, split="evaluation", denoise=(0.5,)):
     for name, pics in (("clean drawings", clean), ("blur 3x3 + noise sd 12", degrade(clean, 5_001)), *img2img.items()):
         reads = F.fit(pics)
         out[name] = {**{k: mean_se(v) for k, v in errors(reads, truths).items()}, **scene_rates(reads, scenes),
-                     "retrieval": rate(retrieval_hits(reads, truths, candidates))}
+                     "retrieval": rate(retrieval_hits(reads, truths, candidates)), "eyes, iris pixels": iris_pixels(pics)}
         pictures[name] = pics[:6]
         log(f"calibration, {name}: retrieval {out[name]['retrieval']['p']:.3f}, " +
             ", ".join(f"{k} {out[name][k]['mean']:.2f}" for k in ("skin", "hair", "eyes", "face_w", "eye_spacing")))
