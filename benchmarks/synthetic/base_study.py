@@ -38,8 +38,8 @@ token holds. Each arm is the shipped base's recipe (pictures, captions, steps, s
             (domain.feature_map: eye whites, irises, lips, mouth inside; 3.1% of a training picture) weigh 1 + 30 in the
             loss, so that they carry about half of it (0.031 x 31 against 0.969). Why: the token base's own img2img
             lowered the floor to 0.042 (shipped 0.071) and still redrew eye colour (dE 20.8 at denoise 0.1), and the
-            mean colour of the pixels that are wholly iris in the truth is as far off as the fit reads it (dE 20-24,
-            /tmp diagnostic of 2026-12-07, summarised in the docs): the base paints irises from its prior whatever its
+            mean colour of the pixels that are wholly iris in the truth is as far off as the fit reads it (dE 20-24;
+            now the calibration's `eyes, iris pixels` column): the base paints irises from its prior whatever its
             token, width or training length, as an MSE that weighs every pixel alike allows for 3% of the picture.
             Control: the longer arm (same start, steps, LR and weighting otherwise). Reading, written before it ran:
             the weighting is the lever for eye colour if its own img2img at denoise 0.1 keeps eye colour at dE <= 12
