@@ -225,6 +225,7 @@ def train_base(s, work, device):
         ph = phases[phase]
         steps, lr, weighting = ((ph["base_steps"], ph["lr"], ph.get("weighting", "v")) if phase == 0 else
                                 (ph["then"][-1]["steps"], ph["then"][-1]["lr"], ph["then"][-1]["weighting"]))
+        k = feature_weight(weighting)[1]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         ema = [p.detach().clone() for p in params]
         g = torch.Generator().manual_seed(SEED + phase)
@@ -237,7 +238,6 @@ def train_base(s, work, device):
             pool, caps = (doubles, d_caps) if two else (singles, s_caps)
             idx = torch.randint(len(pool), (B // 2 if two else B,), generator=g)
             x0 = as_latent(pool[idx.numpy()]).to(device)
-            _, k = feature_weight(weighting)
             pixel_w = 1.0
             if k:   # the eyes' and mouth's pixels weigh 1 + k, laid out like the latent (every channel of a pixel)
                 fmap = torch.from_numpy(maps[1 if two else 0][idx.numpy()]).float().div(255)[:, None].expand(-1, 3, -1, -1)
