@@ -358,15 +358,9 @@ def render_batch(faces: list[list[dict]], scenes: list[dict], jitter, background
     SIZE x SIZE square. -> (pictures (B, 3, SIZE, n*SIZE) in [-1, 1], quantised to 8 bits like a saved PNG; face
     masks (B, SIZE, n*SIZE) in [0, 1]). jitter (B, n, 2); backgrounds: per picture a name or an RGB triple (0-255)
     to use instead of the scene's named background (a nuisance the captions cannot name)."""
-    B, n = len(faces), len(faces[0])
-    jitter = np.asarray(jitter, dtype=np.float64).reshape(B, n, 2)
     bgs = backgrounds or [s["background"] for s in scenes]
-    x, y = grid(SIZE * n)
     pic = mask = None
-    for i in range(n):   # each face is drawn over the picture so far (faces do not overlap)
-        idents = [f[i] for f in faces]
-        p = params(idents, scenes, jitter[:, i], offsets=np.full(B, i * SIZE))
-        w = visibility(layers(p, x, y, tau))
+    for idents, w in _faces_visible(faces, scenes, jitter, tau):   # each face over the picture so far (no overlaps)
         c = colours_of(idents, bgs)
         if pic is None:
             pic, mask = composite(w, c), 1 - w["background"]
@@ -379,15 +373,22 @@ def render_batch(faces: list[list[dict]], scenes: list[dict], jitter, background
 FEATURES = ("eye white", "eyes", "lips", "mouth inside")   # the small parts: 5 of the 16 identity dims live here
 
 
-def feature_map(faces: list[list[dict]], scenes: list[dict], jitter, keys=FEATURES, tau: float = TAU) -> torch.Tensor:
-    """How much of each pixel the layers of colour keys `keys` cover, for the pictures render_batch draws from the same
-    arguments -> (B, SIZE, n*SIZE) in [0, 1]."""
+def _faces_visible(faces: list[list[dict]], scenes: list[dict], jitter, tau: float):
+    """Each face slot of render_batch's pictures in turn -> (its identities, visibility weights {colour key: (B, H, W)})."""
     B, n = len(faces), len(faces[0])
     jitter = np.asarray(jitter, dtype=np.float64).reshape(B, n, 2)
     x, y = grid(SIZE * n)
-    out = torch.zeros(B, SIZE, SIZE * n)
     for i in range(n):
-        w = visibility(layers(params([f[i] for f in faces], scenes, jitter[:, i], offsets=np.full(B, i * SIZE)), x, y, tau))
+        idents = [f[i] for f in faces]
+        p = params(idents, scenes, jitter[:, i], offsets=np.full(B, i * SIZE))
+        yield idents, visibility(layers(p, x, y, tau))
+
+
+def feature_map(faces: list[list[dict]], scenes: list[dict], jitter, keys=FEATURES, tau: float = TAU) -> torch.Tensor:
+    """How much of each pixel the layers of colour keys `keys` cover, for the pictures render_batch draws from the same
+    arguments -> (B, SIZE, n*SIZE) in [0, 1]."""
+    out = torch.zeros(len(faces), SIZE, SIZE * len(faces[0]))
+    for _, w in _faces_visible(faces, scenes, jitter, tau):
         out = torch.maximum(out, sum(w[k] for k in keys if k in w))
     return out
 

@@ -130,7 +130,7 @@ def architecture(settings) -> str:
 
 def feature_weight(weighting: str) -> tuple[str, float]:
     """"<weighting>+features-<k>" -> (weighting, k): the pixels of the eyes and mouth (domain.feature_map) weigh 1 + k
-    in the loss instead of 1. They are about 2% of a picture and hold 5 of the 16 identity dims; an MSE that weighs
+    in the loss instead of 1. They are about 3% of a picture and hold 5 of the 16 identity dims; an MSE that weighs
     every pixel alike lets the base draw them from its prior (base_study.py --arm features)."""
     name, _, k = weighting.partition("+features-")
     return name, float(k) if k else 0.0
