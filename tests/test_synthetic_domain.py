@@ -288,3 +288,16 @@ def test_feature_map_covers_the_eyes_and_mouth_only_and_leaves_the_training_pict
     assert R.feature_weight("min-snr-5+features-30") == ("min-snr-5", 30.0) and R.feature_weight("v") == ("v", 0.0)
     sigma = torch.tensor([0.1, 10.0])
     assert torch.equal(R.loss_weight(sigma, "min-snr-5+features-30"), R.loss_weight(sigma, "min-snr-5"))
+
+
+def test_a_first_phase_weighting_changes_only_that_base_and_weighs_the_features_from_step_one(tmp_path):
+    import run as R   # base_study.py --arm features-scratch: the shipped recipe with the features weighed in every phase
+    smoke = {**R.SCALES["smoke"], "base_steps": 6, "then": []}
+    assert "weighting" not in R.base_settings(R.SCALES["cpu"])   # the shipped base's cache key is untouched
+    plain = R.train_base(smoke, str(tmp_path / "plain"), torch.device("cpu"))
+    weighted = R.train_base({**smoke, "base_weighting": "v+features-10"}, str(tmp_path / "weighted"), torch.device("cpu"))
+    assert weighted[2]["weighting"] == "v+features-10" and R.key(weighted[2]) != R.key(plain[2])
+    # same seeds, pictures and steps: only the features' weight in the first phase's loss differs
+    assert any(not torch.equal(a, weighted[0][k]) for k, a in plain[0].items())
+    again = R.train_base({**smoke, "base_weighting": "v"}, str(tmp_path / "v"), torch.device("cpu"))
+    assert all(torch.equal(a, again[0][k]) for k, a in plain[0].items())   # "v" spelt out is the default

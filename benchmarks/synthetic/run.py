@@ -121,6 +121,8 @@ def base_settings(s):
         out.update(architecture="flux", weighting=s["weighting"])
     if s.get("describe"):   # likewise
         out["describe"] = s["describe"]
+    if s.get("base_weighting"):   # likewise: the first phase's weighting when it is not "v" (base_study.py)
+        out["weighting"] = s["base_weighting"]
     return out
 
 
@@ -212,7 +214,8 @@ def train_base(s, work, device):
     tok = synthetic.WordTokenizer(tokenizer_data={"vocabulary": vocab, "length": settings["text"]["length"]})
     tokens = lambda texts: torch.tensor([[p[0] for p in tok.tokenize_with_weights(t)["words"][0]] for t in texts])
     t0 = time.time()
-    features = any(feature_weight(th["weighting"])[1] for th in settings.get("then", [])[max(done, 0):])
+    weightings = [settings.get("weighting", "v"), *(th["weighting"] for th in settings.get("then", []))]   # by phase
+    features = any(feature_weight(w)[1] for w in weightings[done + 1:])
     singles, s_caps, doubles, d_caps, *maps = render_pool(s, seed=1, features=features)
     log(f"base model: drew {len(singles)} + {len(doubles)} training pictures in {time.time() - t0:.0f}s")
     as_latent = lambda pics: D.to_latent(D.to_tensor(list(pics)), settings["codec"]["factor"])   # noqa: E731
