@@ -46,7 +46,9 @@ token holds. Each arm is the shipped base's recipe (pictures, captions, steps, s
             (longer: 22.4); its adapter then faces the decision rule below like every arm.
             Its base-only run (2026-12-07): eye dE 16.5 at denoise 0.1, short of <= 12; floor, skin, mouth width and
             retrieval at denoise 0.5 worse than its control. Its adapter (this arm without --base-only) is run next
-            anyway: does the eye colour the base now keeps reach the adapter's pictures?
+            anyway: does the eye colour the base now keeps reach the adapter's pictures? (2026-12-07: no. +0.0 +- 3.5
+            paired at the shipped defaults, -18.2 +- 3.6 at CFG 3 text only; eye dE in its pictures 31.5 against
+            29.4; the base's flat-region energy 31.4 against 10.3.)
   features-scratch (`--arm features-scratch`, output features_scratch_study.json, added after the features arm's
             base-only run and before this one ran): the shipped recipe from random weights (both phases, same steps,
             LRs and seeds) with the eyes' and mouth's pixels weighing 1 + 10 in BOTH phases (about a quarter of the
