@@ -60,6 +60,8 @@ token holds. Each arm is the shipped base's recipe (pictures, captions, steps, s
             eye dE <= 19 (shipped 23.1) AND, at denoise 0.5, retrieval >= 82.3, eye spacing <= 1.35 px and mouth width
             <= 4.9 px (shipped), with its floor at sigma 0.03 <= 0.071 (shipped). If it holds, its adapter (this arm
             without --base-only) faces the decision rule below.
+            (2026-12-07, base 1760 s: refuted. Eye dE 19.5 at denoise 0.1; at 0.5 retrieval 71.9, mouth width 5.35 px;
+            spacing 1.01 px and floor 0.0695 held. Its adapter was not trained.)
 against the shipped base (channels 64 / 128 over its two levels, x0 output). An adapter of `--steps` steps (the
 shipped recipe otherwise) is trained on each base from scratch, and both generate the same transfer cell (run.compare_bases: validation identities, held-out captions, the same seeds) at the
 shipped defaults and at CFG 3 "text only". Each base's own img2img (denoise 0.5) of validation drawings is read by
