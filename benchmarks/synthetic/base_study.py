@@ -130,8 +130,9 @@ def main(argv=None):
     if args.arm in EXTRA_PHASES:
         changed["then"] = [*s["then"], *EXTRA_PHASES[args.arm]]
         start_from_shipped(R, s, args.work, os.path.join(ROOT, "models", "synthetic_faces.safetensors"))
-    if args.arm == "features-scratch":   # every shipped phase, each with the features' weight
-        changed["then"] = [(n, lr, f"{w}+features-10") for n, lr, w in s["then"]]
+    if args.arm == "features-scratch":   # every shipped phase, each with the first phase's features weight
+        weight = changed["base_weighting"].partition("+")[2]
+        changed["then"] = [(n, lr, f"{w}+{weight}") for n, lr, w in s["then"]]
     base_path = os.path.join(args.work, f"study-base-{R.key(R.base_phases(changed)[-1])}.safetensors")
     if not os.path.isfile(base_path):
         R.ship_base(base_path, *R.train_base(changed, args.work, torch.device("cpu")))
