@@ -301,3 +301,24 @@ def test_a_first_phase_weighting_changes_only_that_base_and_weighs_the_features_
     assert any(not torch.equal(a, weighted[0][k]) for k, a in plain[0].items())
     again = R.train_base({**smoke, "base_weighting": "v"}, str(tmp_path / "v"), torch.device("cpu"))
     assert all(torch.equal(a, again[0][k]) for k, a in plain[0].items())   # "v" spelt out is the default
+
+
+def test_a_features_weighted_dataset_keeps_the_pictures_and_weighs_the_eyes_and_mouth_in_its_masks(tmp_path):
+    import run as R   # eye_loss_study.py: the adapter's loss weighs the eyes and mouth through the dataset's masks
+    from PIL import Image
+    idents = D.identities("validation", 2)
+    R.write_dataset(str(tmp_path / "plain"), idents, 2, seed=5)
+    R.write_dataset(str(tmp_path / "weighted"), idents, 2, seed=5, features=10.0)
+    read = lambda *p: np.asarray(Image.open(tmp_path.joinpath(*p)), dtype=np.float64) / 255   # noqa: E731
+    for n in ("000", "001"):
+        assert np.array_equal(read("plain", "id0000", n + ".png"), read("weighted", "id0000", n + ".png"))
+        face, mask = read("plain", "id0000", n + "_mask.png"), read("weighted", "id0000", n + "_mask.png")
+        # 1 + 11 * mask = 1 + face + 10 * features: the face weighs as shipped, the eyes and mouth 10 more
+        whole_face, features = face > 0.99, mask > 0.9
+        skin = whole_face & (mask < 0.1)
+        assert features.sum() > 20 and skin.sum() > 1000
+        weight = mask[skin] * 11                                          # skin: 1/11 (8-bit), edges of features above
+        assert abs(np.median(weight) - 1) < 0.02 and weight.min() > 0.98
+        assert np.abs(mask[face == 0]).max() == 0                         # background: 0
+    plain_dir, weighted_dir = R.adapter_data("w", 2, 2, synthetic.PixelCodec(1, 8)), R.adapter_data("w", 2, 2, synthetic.PixelCodec(1, 8), 10.0)
+    assert plain_dir != weighted_dir and plain_dir == R.adapter_data("w", 2, 2, synthetic.PixelCodec(1, 8), 0.0)

@@ -286,17 +286,19 @@ def ship_base(path, unet_state, text_state, settings, figures=None):
 
 
 # ---- stage 3: adapter --------------------------------------------------------------------------
-def adapter_data(work, ids, per_id, codec):
-    """The adapter's drawn dataset folder: one per identity count, pictures per identity and codec pool (the pool
-    enters the key only when it is not 1, so the shipped base's folder keeps its name)."""
-    drawn = {"ids": ids, "per_id": per_id, "v": 3, **({"pool": codec.pool} if codec.pool > 1 else {})}
+def adapter_data(work, ids, per_id, codec, features=0.0):
+    """The adapter's drawn dataset folder: one per identity count, pictures per identity, codec pool and features
+    weight (pool and features enter the key only when not 1 / 0, so the shipped base's folder keeps its name)."""
+    drawn = {"ids": ids, "per_id": per_id, "v": 3, **({"pool": codec.pool} if codec.pool > 1 else {}),
+             **({"features": features} if features else {})}
     return os.path.join(work, f"adapter-data-{key(drawn)}")
 
 
-def write_dataset(folder, idents, per_id, seed, pool=1):
+def write_dataset(folder, idents, per_id, seed, pool=1, features=0.0):
     """One folder per training identity: pictures at the size a user of the codec sees (each pixel pool x pool) with
     face masks, captions from the 36 training scenes only (the reference of a sample is another picture of its
-    identity, in another scene)."""
+    identity, in another scene). features k > 0: the masks are (face + k * eyes and mouth) / (1 + k), so a
+    face_loss_weight of (1 + k) w weighs the face w and the eyes and mouth (domain.feature_map) k w more."""
     import domain as D
     from PIL import Image
     rng = np.random.default_rng(seed)
@@ -304,7 +306,10 @@ def write_dataset(folder, idents, per_id, seed, pool=1):
         chunk = idents[start:start + 64]
         faces = [[ident] for ident in chunk for _ in range(per_id)]
         scenes = [D.random_scene_from(rng, held_out=False) for _ in faces]
-        pics, masks = D.render_batch(faces, scenes, rng.uniform(-D.JITTER, D.JITTER, (len(faces), 1, 2)))
+        jitter = rng.uniform(-D.JITTER, D.JITTER, (len(faces), 1, 2))
+        pics, masks = D.render_batch(faces, scenes, jitter)
+        if features:
+            masks = (masks + features * D.feature_map(faces, scenes, jitter)) / (1 + features)
         pics = D.upscale(D.to_uint8(pics), pool)
         masks = D.upscale((masks.numpy() * 255).round().astype(np.uint8)[..., None], pool)[..., 0]
         for n, (pic, mask, scene) in enumerate(zip(pics, masks, scenes)):
@@ -325,21 +330,27 @@ def adapter_recipe(s) -> dict:
                 gradient_checkpointing=False)   # 96 px: memory is no concern, recompute would cost time
 
 
-def train_adapter(s, work, patcher, clip, codec, train_idents, base_key, reference_tokens="all"):
+def train_adapter(s, work, patcher, clip, codec, train_idents, base_key, reference_tokens="all", features=0.0):
+    """The adapter of recipe `s` on a base (cached by its settings). features k > 0: the eyes and mouth weigh k times
+    the face's loss weight more (write_dataset's masks; the face's weight itself unchanged)."""
     import domain as D
     from idfusion_pack.idfusion.dataset import FaceDataset
     from idfusion_pack.idfusion.train import TrainConfig, Trainer
-    cfg = TrainConfig(**adapter_recipe(s), **({"reference_tokens": reference_tokens} if reference_tokens != "all" else {}))
+    recipe = adapter_recipe(s)
+    if features:
+        recipe["face_loss_weight"] *= 1 + features
+    cfg = TrainConfig(**recipe, **({"reference_tokens": reference_tokens} if reference_tokens != "all" else {}))
     # options added after the shipped run enter the key only when set, so its key (and cache) stays what it was
     later = {"reference_tokens": "all", "reference_shift": 0.0, "reference_noise": 0.0, "reference_background": 0.0,
              "lr_decay_steps": 0}
     settings = {"cfg": {k: v for k, v in cfg.__dict__.items() if k not in later or v != later[k]},
-                "ids": len(train_idents), "per_id": s["per_id"], "base": base_key, "v": 3}
+                "ids": len(train_idents), "per_id": s["per_id"], "base": base_key, "v": 3,
+                **({"features": features} if features else {})}
     out = os.path.join(work, f"adapter-{key(settings)}")
-    data = adapter_data(work, len(train_idents), s["per_id"], codec)
+    data = adapter_data(work, len(train_idents), s["per_id"], codec, features)
     if not os.path.isdir(data):
         t0 = time.time()
-        write_dataset(data + ".tmp", train_idents, s["per_id"], seed=5, pool=codec.pool)
+        write_dataset(data + ".tmp", train_idents, s["per_id"], seed=5, pool=codec.pool, features=features)
         os.replace(data + ".tmp", data)
         log(f"adapter: drew its dataset in {time.time() - t0:.0f}s")
     ds = FaceDataset(data, D.SIZE * codec.pool)   # the pictures a user of this codec sees
