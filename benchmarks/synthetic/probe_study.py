@@ -31,7 +31,20 @@ Written before either probe ran (the reading, decided in advance):
   dropped by Linear_vf or not routed -> weigh the eyes in the adapter's loss (domain.feature_map) or give the adapter
   position keys; present and routed -> the loss is downstream of attention (the base redraws eyes, as its img2img).
 
+Probe 3, past the attention (`--part output`, added after probes 1-2 and eye_loss_study.py ran, written before it
+ran): probes 1-2 found eye colour partly in h_f and V_f at the 12 x 12 layers and eye queries reading 11% iris at
+output_3_0, and eye_loss_study found that weighing the eyes in the adapter's loss doubled that share (its 1500-step
+adapter 0.115 against 0.044) without bringing eye colour into the pictures. Does the colour reach the eye queries'
+attention output? As probe 2 (same pairs' recipe, `--pairs` of them) at sigma 3 and 1, the reference's share of each
+layer's attention output (sum over heads of the softmax over reference keys times V_f) at the target's iris queries
+(weighted by iris share) is read out linearly (ridge as probe 1, 3/4 fit, 1/4 scored) for the identity's eye colour.
+Controls: the same read-out from the layer's queries q at the iris (the target itself: what its noised pixels still
+show), and skin colour from the same outputs at skin queries. Reading: "carried past the attention" if held-out R^2
+>= 0.5 at output_3_0 at sigma 3 while the queries give <= 0.2 there: then the frozen layers after attn2 do not turn
+it into iris pixels, and the next lever is outside the adapter's two linears; "diluted" if <= 0.2.
+
     .hosts/0.3.75/venv/bin/python benchmarks/synthetic/probe_study.py [--ids 1024] [--pairs 128] [--threads 2]
+    .hosts/0.3.75/venv/bin/python benchmarks/synthetic/probe_study.py --part output --pairs 512 [--threads 2]
 """
 from __future__ import annotations
 
@@ -145,8 +158,8 @@ class _Reader:
     """attn2 replace that wraps the pack's patch on a layer (chained: its output is the pack's) and records, for the
     queries, the softmax over [text keys; reference keys] averaged over heads. Measuring only: never shipped."""
 
-    def __init__(self, inner, store):
-        self.inner, self.store = inner, store
+    def __init__(self, inner, store, outputs=False):
+        self.inner, self.store, self.outputs = inner, store, outputs
 
     def __call__(self, q, k, v, extra_options):
         out = self.inner(q, k, v, extra_options)
@@ -157,8 +170,14 @@ class _Reader:
         K = torch.cat([k, K_f[None].expand(b, -1, -1)], 1)
         qh = q.reshape(b, n, heads, d // heads).transpose(1, 2)
         kh = K.reshape(b, K.shape[1], heads, d // heads).transpose(1, 2)
-        p = torch.softmax(qh.float() @ kh.float().transpose(-1, -2) / math.sqrt(d // heads), -1).mean(1)
-        self.store[self.inner.layer.name] = (p[:, :, k.shape[1]:], n)     # (b, N_h, N_f) reference part
+        p = torch.softmax(qh.float() @ kh.float().transpose(-1, -2) / math.sqrt(d // heads), -1)
+        if self.outputs:   # probe 3: the reference keys' share of the attention output, and the queries
+            _, V_f = f.kv(self.inner.layer, q.device, q.dtype, None)[0]
+            vh = V_f.float().reshape(1, -1, heads, d // heads).transpose(1, 2)             # (1, heads, N_f, dh)
+            ref = (p[..., k.shape[1]:] @ vh).transpose(1, 2).reshape(b, n, d)          # (b, N_h, D)
+            self.store[self.inner.layer.name] = (ref, q.float(), n)
+            return out
+        self.store[self.inner.layer.name] = (p.mean(1)[:, :, k.shape[1]:], n)     # (b, N_h, N_f) reference part
         return out
 
     def __deepcopy__(self, memo):
@@ -224,15 +243,66 @@ def probe_routing(args, gen, shipped, log):
     return out
 
 
+def probe_output(args, gen, log, sigmas=(3.0, 1.0)):
+    """Probe 3: is the identity's eye colour linearly in the eye queries' reference read (see the description)?"""
+    import domain as D
+    import run as R
+    rng = np.random.default_rng(13_000)
+    ids = D.identities("validation", args.pairs)
+    jr = rng.uniform(-D.JITTER, D.JITTER, (len(ids), 1, 2))
+    refs, ref_scenes = R.reference_drawings(ids, rng, jitter=jr)
+    scenes = [D.random_scene_from(rng, held_out=True, **{k: ("not", rs[k]) for k in D.SCENE_ATTRS}) for rs in ref_scenes]
+    jt = rng.uniform(-D.JITTER, D.JITTER, (len(ids), 1, 2))
+    faces = [[i] for i in ids]
+    x0 = D.to_latent(D.render_batch(faces, scenes, jt)[0].float(), gen.codec.factor)
+    cov = {c: D.feature_map(faces, scenes, jt, keys=(c,)) for c in ("eyes", "skin")}
+    truth = {c: np.stack([i[c] for i in ids]) for c in ("eyes", "skin")}
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(13_001))
+    m0 = gen.patcher.model
+    feats = {}   # (sigma, layer, "reference read" | "queries", colour) -> [pooled vector per pair]
+    for i in range(len(ids)):
+        model = gen.apply(gen.identity([refs[i]]))
+        store = {}
+        m = model.clone()
+        for key, patch in list(m.model_options["transformer_options"]["patches_replace"]["attn2"].items()):
+            m.set_model_attn2_replace(_Reader(patch, store, outputs=True), *key)
+        ctx = gen.encode_text([D.caption(scenes[i])])
+        for sig in sigmas:
+            sigma = torch.full((1,), sig)
+            xt = m0.model_sampling.noise_scaling(sigma.view(-1, 1, 1, 1), noise[i:i + 1], x0[i:i + 1])
+            with torch.inference_mode():
+                m0.apply_model(xt, sigma, c_crossattn=ctx, transformer_options=m.model_options["transformer_options"])
+            for name, (ref, q, n) in store.items():
+                for c in ("eyes", "skin"):
+                    for what, tok in (("reference read", ref), ("queries", q)):
+                        feats.setdefault((sig, name, what, c), []).append(pooled(tok, cov[c][i:i + 1])[0])
+        if (i + 1) % 64 == 0:
+            log(f"probe 3: {i + 1}/{len(ids)} pairs")
+    n_train = len(ids) * 3 // 4
+    out = {"pairs": len(ids), "train": n_train, "sigmas": list(sigmas), "rows": {}}
+    for (sig, name, what, c), v in feats.items():
+        r = ridge_readout(np.stack(v), truth[c], n_train)
+        out["rows"][f"sigma {sig}, {name}, {what}, {c}"] = r
+        log(f"probe 3, sigma {sig}, {name}, {what}, {c}: R^2 {r['r2']:.3f} (dE {r['dE']:.1f} against {r['dE_predict_mean']:.1f})")
+    return out
+
+
 def main(argv=None):
     import run as R
     args, s, patcher, clip, codec, shipped, rec = R.open_study(
         __doc__, "probe_study.json", argv, ids=1024,
-        extra={"--pairs": dict(type=int, default=128, help="probe 2: reference/target pairs (validation identities)")})
+        extra={"--pairs": dict(type=int, default=128, help="probes 2 and 3: reference/target pairs (validation identities)"),
+               "--part": dict(choices=["content", "output"], default="content",
+                              help="content: probes 1 and 2 (probe_study.json); output: probe 3 (--out to name its file)")})
+    if args.part == "output" and os.path.basename(args.out) == "probe_study.json":
+        args.out = os.path.join(os.path.dirname(args.out), "probe_output_study.json")
     t0 = time.time()
     gen = R.Generator(patcher, clip, codec, shipped, s["eval_steps"], **rec)
-    out = {"settings": rec, "content": probe_content(args, gen, shipped, R.log),
-           "routing": probe_routing(args, gen, shipped, R.log)}
+    if args.part == "output":
+        out = {"settings": rec, "output": probe_output(args, gen, R.log)}
+    else:
+        out = {"settings": rec, "content": probe_content(args, gen, shipped, R.log),
+               "routing": probe_routing(args, gen, shipped, R.log)}
     out["seconds"] = round(time.time() - t0)
     R.write_text_atomic(args.out, json.dumps(out, indent=1))
     R.log(f"wrote {args.out} ({out['seconds']} s)")
