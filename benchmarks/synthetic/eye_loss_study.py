@@ -23,6 +23,11 @@ Reading, written before it ran:
 - Decision rule (as every study): the weighting goes into the shipped recipe (a full `make synthetic`) only if its
   retrieval beats the control's by >= 2 paired SE at the shipped defaults, with its flat-region noise ratio no more
   than 0.1 above the control's.
+(2026-12-07, 1298 s, training 559 s; docs/synthetic/studies/eye_loss_study.json: refuted. Eye dE 27.8 against
+29.4 at the shipped defaults (without an adapter 29.5), 30.3 against 33.0 at CFG 3 text only (without 29.8);
+retrieval 16.7% against 19.3% (-2.6 +- 2.3 paired) and 37.5% against 36.5% (+1.0 +- 3.8); noise ratio 1.10 against
+1.02 and 1.88 against 1.53. The routing probe: eye queries' iris share at output_3_0 0.115 against the control's 0.044
+(12x against 4.5x uniform): the weighting sharpened the routing, and eye colour still did not reach the pictures.)
 
     .hosts/0.3.75/venv/bin/python benchmarks/synthetic/eye_loss_study.py [--steps 1500] [--ids 96] [--features 10]
 """

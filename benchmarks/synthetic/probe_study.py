@@ -30,6 +30,12 @@ Written before either probe ran (the reading, decided in advance):
 - Next, by outcome: lost in the pass -> the identity needs tokens from earlier in the UNet (or the input latent);
   dropped by Linear_vf or not routed -> weigh the eyes in the adapter's loss (domain.feature_map) or give the adapter
   position keys; present and routed -> the loss is downstream of attention (the base redraws eyes, as its img2img).
+  (2026-12-07, 66 s; docs/synthetic/studies/probe_study.json: neither "present" nor "lost". Eye colour R^2 0.73 at
+  input_1_0, 0.62 / 0.71 at output_2_0 / output_3_0 (the 12 x 12 layers), 0.19-0.23 at the 6 x 6 ones; V_f within
+  0.03 of h_f everywhere; skin and hair 0.90-0.98; shuffled <= 0. The calibration missed its bar: the input tokens
+  give 0.54, so the read-out is a lower bound. Routing: eye queries read 1.2-1.8x uniform at input_1_0, 4.7-6.7x at
+  output_2_0, 10.7-11.6x (iris share 0.11; 0.34 if attention followed iris coverage) at output_3_0: routed at the
+  output layers only.)
 
 Probe 3, past the attention (`--part output`, added after probes 1-2 and eye_loss_study.py ran, written before it
 ran): probes 1-2 found eye colour partly in h_f and V_f at the 12 x 12 layers and eye queries reading 11% iris at
@@ -42,6 +48,10 @@ Controls: the same read-out from the layer's queries q at the iris (the target i
 show), and skin colour from the same outputs at skin queries. Reading: "carried past the attention" if held-out R^2
 >= 0.5 at output_3_0 at sigma 3 while the queries give <= 0.2 there: then the frozen layers after attn2 do not turn
 it into iris pixels, and the next lever is outside the adapter's two linears; "diluted" if <= 0.2.
+(2026-12-07, 512 pairs, 59 s; docs/synthetic/studies/probe_output_study.json: between the two. At output_3_0 the
+reference read gives eye colour R^2 0.45 at sigma 3 (queries 0.17) and 0.49 at sigma 1 (queries 0.42, which at the
+last layer include what earlier fused layers added); every other layer <= 0.14. Skin from the reference read 0.94-0.96
+at output_3_0. Half the eye colour's variance reaches the last layer's eye queries, and none of it the picture.)
 
     .hosts/0.3.75/venv/bin/python benchmarks/synthetic/probe_study.py [--ids 1024] [--pairs 128] [--threads 2]
     .hosts/0.3.75/venv/bin/python benchmarks/synthetic/probe_study.py --part output --pairs 512 [--threads 2]
