@@ -194,37 +194,51 @@ class _Reader:
         return self
 
 
-def probe_routing(args, gen, shipped, log):
+def pairs(n: int, seed: int, factor: int):
+    """Probes 2 and 3: n validation identities, each with a reference drawing in a random scene and a target drawing of
+    the same identity in a held-out scene that differs in expression, pose and background.
+    -> (identities, references, reference scenes and jitter, target scenes and jitter, target latents, noise)."""
     import domain as D
     import run as R
-    rng = np.random.default_rng(12_000)
-    ids = D.identities("validation", args.pairs)
+    rng = np.random.default_rng(seed)
+    ids = D.identities("validation", n)
     jr = rng.uniform(-D.JITTER, D.JITTER, (len(ids), 1, 2))
     refs, ref_scenes = R.reference_drawings(ids, rng, jitter=jr)
     scenes = [D.random_scene_from(rng, held_out=True, **{k: ("not", rs[k]) for k in D.SCENE_ATTRS}) for rs in ref_scenes]
     jt = rng.uniform(-D.JITTER, D.JITTER, (len(ids), 1, 2))
+    x0 = D.to_latent(D.render_batch([[i] for i in ids], scenes, jt)[0].float(), factor)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed + 1))
+    return ids, refs, (ref_scenes, jr), (scenes, jt), x0, noise
+
+
+def read_denoiser(gen, ref, caption, xt_of, sigmas, outputs=False):
+    """The shipped Apply with one reference, every attn2 patch wrapped in a _Reader, the denoiser once per sigma on
+    xt_of(sigma) -> yields (sigma, {layer name: what the readers recorded})."""
+    model = gen.apply(gen.identity([ref])).clone()
+    store = {}
+    for key, patch in list(model.model_options["transformer_options"]["patches_replace"]["attn2"].items()):
+        model.set_model_attn2_replace(_Reader(patch, store, outputs), *key)
+    ctx = gen.encode_text([caption])
+    for sig in sigmas:
+        sigma = torch.full((1,), sig)
+        with torch.inference_mode():
+            gen.patcher.model.apply_model(xt_of(sigma), sigma, c_crossattn=ctx,
+                                          transformer_options=model.model_options["transformer_options"])
+        yield sig, store
+
+
+def probe_routing(args, gen, shipped, log):
+    import domain as D
+    import run as R
+    ids, refs, (ref_scenes, jr), (scenes, jt), x0, noise = pairs(args.pairs, 12_000, gen.codec.factor)
     faces = [[i] for i in ids]
-    targets = D.render_batch(faces, scenes, jt)[0]
     cov_ref = {c: D.feature_map(faces, ref_scenes, jr, keys=(c,)) for c in ("eyes", "skin")}
     cov_tgt = {c: D.feature_map(faces, scenes, jt, keys=(c,)) for c in ("eyes", "skin")}
-    m0 = gen.patcher.model
-    x0 = D.to_latent(targets.float(), gen.codec.factor)
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(12_001))
+    ms = gen.patcher.model.model_sampling
     acc = {}   # (sigma, layer, colour) -> [iris share, uniform, reference mass] per pair
     for i in range(len(ids)):
-        model = gen.apply(gen.identity([refs[i]]))
-        store = {}
-        m = model.clone()
-        to = m.model_options["transformer_options"]
-        for key, patch in list(to["patches_replace"]["attn2"].items()):
-            m.set_model_attn2_replace(_Reader(patch, store), *key)
-        opts = m.model_options["transformer_options"]
-        ctx = gen.encode_text([D.caption(scenes[i])])
-        for sig in SIGMAS:
-            sigma = torch.full((1,), sig)
-            xt = m0.model_sampling.noise_scaling(sigma.view(-1, 1, 1, 1), noise[i:i + 1], x0[i:i + 1])
-            with torch.inference_mode():
-                m0.apply_model(xt, sigma, c_crossattn=ctx, transformer_options=opts)
+        xt_of = lambda sigma: ms.noise_scaling(sigma.view(-1, 1, 1, 1), noise[i:i + 1], x0[i:i + 1])   # noqa: E731
+        for sig, store in read_denoiser(gen, refs[i], D.caption(scenes[i]), xt_of, SIGMAS):
             for name, (p, n_h) in store.items():
                 for c in ("eyes", "skin"):
                     wq = token_weights(cov_tgt[c][i:i + 1], n_h)[0]
@@ -237,9 +251,8 @@ def probe_routing(args, gen, shipped, log):
                     share = (pr @ ck) / mass.clamp(min=1e-12)    # attended iris (skin) coverage per query
                     acc.setdefault((sig, name, c), []).append(
                         [float(wq @ share), float(ck.mean()), float(wq @ mass)])
-        gen_done = i + 1
-        if gen_done % 32 == 0:
-            log(f"probe 2: {gen_done}/{len(ids)} pairs")
+        if (i + 1) % 32 == 0:
+            log(f"probe 2: {i + 1}/{len(ids)} pairs")
     out = {"pairs": len(ids), "sigmas": list(SIGMAS), "rows": {}}
     for (sig, name, c), v in sorted(acc.items()):
         a = np.array(v)
@@ -256,32 +269,14 @@ def probe_routing(args, gen, shipped, log):
 def probe_output(args, gen, log, sigmas=(3.0, 1.0)):
     """Probe 3: is the identity's eye colour linearly in the eye queries' reference read (see the description)?"""
     import domain as D
-    import run as R
-    rng = np.random.default_rng(13_000)
-    ids = D.identities("validation", args.pairs)
-    jr = rng.uniform(-D.JITTER, D.JITTER, (len(ids), 1, 2))
-    refs, ref_scenes = R.reference_drawings(ids, rng, jitter=jr)
-    scenes = [D.random_scene_from(rng, held_out=True, **{k: ("not", rs[k]) for k in D.SCENE_ATTRS}) for rs in ref_scenes]
-    jt = rng.uniform(-D.JITTER, D.JITTER, (len(ids), 1, 2))
-    faces = [[i] for i in ids]
-    x0 = D.to_latent(D.render_batch(faces, scenes, jt)[0].float(), gen.codec.factor)
-    cov = {c: D.feature_map(faces, scenes, jt, keys=(c,)) for c in ("eyes", "skin")}
+    ids, refs, _, (scenes, jt), x0, noise = pairs(args.pairs, 13_000, gen.codec.factor)
+    cov = {c: D.feature_map([[i] for i in ids], scenes, jt, keys=(c,)) for c in ("eyes", "skin")}
     truth = {c: np.stack([i[c] for i in ids]) for c in ("eyes", "skin")}
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(13_001))
-    m0 = gen.patcher.model
+    ms = gen.patcher.model.model_sampling
     feats = {}   # (sigma, layer, "reference read" | "queries", colour) -> [pooled vector per pair]
     for i in range(len(ids)):
-        model = gen.apply(gen.identity([refs[i]]))
-        store = {}
-        m = model.clone()
-        for key, patch in list(m.model_options["transformer_options"]["patches_replace"]["attn2"].items()):
-            m.set_model_attn2_replace(_Reader(patch, store, outputs=True), *key)
-        ctx = gen.encode_text([D.caption(scenes[i])])
-        for sig in sigmas:
-            sigma = torch.full((1,), sig)
-            xt = m0.model_sampling.noise_scaling(sigma.view(-1, 1, 1, 1), noise[i:i + 1], x0[i:i + 1])
-            with torch.inference_mode():
-                m0.apply_model(xt, sigma, c_crossattn=ctx, transformer_options=m.model_options["transformer_options"])
+        xt_of = lambda sigma: ms.noise_scaling(sigma.view(-1, 1, 1, 1), noise[i:i + 1], x0[i:i + 1])   # noqa: E731
+        for sig, store in read_denoiser(gen, refs[i], D.caption(scenes[i]), xt_of, sigmas, outputs=True):
             for name, (ref, q, n) in store.items():
                 for c in ("eyes", "skin"):
                     for what, tok in (("reference read", ref), ("queries", q)):
