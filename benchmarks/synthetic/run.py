@@ -459,6 +459,7 @@ class Generator:
         self.D, self.patcher, self.clip, self.codec, self.adapter, self.steps = D, patcher, clip, codec, adapter, steps
         self.cfg, self.uncond, self.weight, self.end_at = cfg, uncond, weight, end_at
         self.reference_tokens = "all"
+        self.block_weights = ""     # Apply's per-block weights (empty: 1 everywhere)
         from idfusion_pack.idfusion import patch_flux
         self.flux = patch_flux.is_flux(patcher)
         self.nodes = {k: v() for k, v in idfusion_pack.NODE_CLASS_MAPPINGS.items()}
@@ -469,7 +470,8 @@ class Generator:
 
     def apply(self, identity):
         return node_call(self.nodes["IDFusionApply"], "apply", self.patcher, self.adapter, identity, self.weight, 0.0,
-                         self.end_at, self.uncond, "adapter default", reference_tokens=self.reference_tokens)[0]
+                         self.end_at, self.uncond, "adapter default", reference_tokens=self.reference_tokens,
+                         block_weights=self.block_weights)[0]
 
     def apply_regions(self, idents, masks):
         kw = {f"identity_{i + 1}": x for i, x in enumerate(idents)}
