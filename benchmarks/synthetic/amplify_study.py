@@ -14,6 +14,9 @@ studies (run.validation_cell, 192 pictures), at the shipped defaults.
 Reading, written before it ran: amplifying carries eye colour if an arm's eye dE (fit) is >= 3 below the control's;
 a per-block default is proposed only if that arm also keeps retrieval within 2 paired SE of the control's (or above)
 and its flat-region noise ratio no more than 0.1 above the control's.
+(2026-12-07, 393 s; docs/synthetic/studies/amplify_study.json: refuted. Eye dE 27.4 at x2 and 28.6 at x4 against
+27.7 (without the adapter 29.5). Retrieval rose, through skin and hair: 34.4% and 37.0% against 27.6% (+6.8 +- 2.6
+and +9.4 +- 3.5 paired), but the noise ratio went to 1.21 and 1.65 against 1.04: no default proposed.)
 
     .hosts/0.3.75/venv/bin/python benchmarks/synthetic/amplify_study.py [--ids 96] [--threads 2]
 """
