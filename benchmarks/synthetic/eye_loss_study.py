@@ -75,14 +75,8 @@ def main(argv=None):
                                                            candidates, adapter is not None)
             R.log(f"{label}, {name}: retrieval {np.mean(hits[name]):.3f}, eyes {np.mean(errs[name]['eyes']):.1f}, "
                   f"flat-region energy {hf[name]:.2f}")
-        attrs = list(errs[control])
-        out[label] = {
-            "retrieval": {a: R.rate(h) for a, h in hits.items()},
-            f"{arm} minus {control}": R.paired(hits[arm], hits[control]),
-            "noise ratio": {a: hf[a] / hf["without adapter"] for a in adapters},
-            "error": {a: {k: R.mean_se(e[k]) for k in attrs} for a, e in errs.items()},
-            "error ratio to without": {a: {k: float(np.mean(e[k]) / np.mean(errs["without adapter"][k])) for k in attrs}
-                                       for a, e in errs.items() if a != "without adapter"}}
+        out[label] = {**R.cell_figures(hits, errs, hf, adapters),
+                      f"{arm} minus {control}": R.paired(hits[arm], hits[control])}
     out["routing"] = {}
     for name, adapter in adapters.items():
         gen = R.Generator(patcher, clip, codec, adapter, s["eval_steps"], **rec)

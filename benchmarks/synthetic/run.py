@@ -648,6 +648,18 @@ def compare_bases(args, s, rec, bases: dict) -> tuple[dict, dict]:
     return out, adapters
 
 
+def cell_figures(hits: dict, errs: dict, hf: dict, arms) -> dict:
+    """One setting's cells as the adapter studies publish them: retrieval per cell, and per adapter arm its flat-region
+    noise ratio, per-attribute errors and error ratios against the "without adapter" cell (same seeds)."""
+    attrs = list(errs[next(iter(arms))])
+    without = errs["without adapter"]
+    return {"retrieval": {a: rate(h) for a, h in hits.items()},
+            "noise ratio": {a: hf[a] / hf["without adapter"] for a in arms},
+            "error": {a: {k: mean_se(e[k]) for k in attrs} for a, e in errs.items()},
+            "error ratio to without": {a: {k: float(np.mean(e[k]) / np.mean(without[k])) for k in attrs}
+                                       for a, e in errs.items() if a != "without adapter"}}
+
+
 def read_cell(gen, refs, captions, seed0, truths, candidates, with_identity=True):
     """generate, then the instrument's reading: -> (retrieval hits, per-attribute errors, mean flat-region energy)."""
     import fit as F

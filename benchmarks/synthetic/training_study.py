@@ -67,14 +67,8 @@ def main(argv=None):
             hits[name], errs[name], hf[name] = R.read_cell(gen, [[r] for r in refs], captions, 8_200, truths,
                                                            candidates, adapter is not None)
             R.log(f"{label}, {name}: retrieval {np.mean(hits[name]):.3f}, flat-region energy {hf[name]:.2f}")
-        attrs = list(errs["shipped"])
-        out[label] = {
-            "retrieval": {a: R.rate(h) for a, h in hits.items()},
-            "minus more": {a: R.paired(hits[a], hits["more"]) for a in adapters if a != "more"},
-            "noise ratio": {a: hf[a] / hf["without adapter"] for a in adapters},
-            "error": {a: {k: R.mean_se(e[k]) for k in attrs} for a, e in errs.items()},
-            "error ratio to without": {a: {k: float(np.mean(e[k]) / np.mean(errs["without adapter"][k])) for k in attrs}
-                                       for a, e in errs.items() if a != "without adapter"}}
+        out[label] = {**R.cell_figures(hits, errs, hf, adapters),
+                      "minus more": {a: R.paired(hits[a], hits["more"]) for a in adapters if a != "more"}}
     out["seconds"]["total"] = round(time.time() - t0)
     R.write_text_atomic(args.out, json.dumps(out, indent=1))
     print(json.dumps({label: {k: out[label][k] for k in ("retrieval", "minus more", "noise ratio")} for label in settings},
