@@ -80,7 +80,7 @@ def main(argv=None):
     out["routing"] = {}
     for name, adapter in adapters.items():
         gen = R.Generator(patcher, clip, codec, adapter, s["eval_steps"], **rec)
-        out["routing"][name] = P.probe_routing(args, gen, adapter, lambda m, n=name: R.log(f"{n}: {m}"))
+        out["routing"][name] = P.probe_routing(args, gen, lambda m, n=name: R.log(f"{n}: {m}"))
     out["seconds"] = {"training": round(trained), "total": round(time.time() - t0)}
     R.write_text_atomic(args.out, json.dumps(out, indent=1))
     print(json.dumps({label: {k: v for k, v in out[label].items() if k in ("retrieval", "noise ratio") or " minus " in k}

@@ -174,7 +174,7 @@ class _Reader:
     def __call__(self, q, k, v, extra_options):
         out = self.inner(q, k, v, extra_options)
         f = self.inner.fusions[0]
-        K_f, _ = f.kv(self.inner.layer, q.device, q.dtype, None)[0]
+        K_f, V_f = f.kv(self.inner.layer, q.device, q.dtype, None)[0]
         heads = extra_options["n_heads"]
         b, n, d = q.shape
         K = torch.cat([k, K_f[None].expand(b, -1, -1)], 1)
@@ -182,7 +182,6 @@ class _Reader:
         kh = K.reshape(b, K.shape[1], heads, d // heads).transpose(1, 2)
         p = torch.softmax(qh.float() @ kh.float().transpose(-1, -2) / math.sqrt(d // heads), -1)
         if self.outputs:   # probe 3: the reference keys' share of the attention output, and the queries
-            _, V_f = f.kv(self.inner.layer, q.device, q.dtype, None)[0]
             vh = V_f.float().reshape(1, -1, heads, d // heads).transpose(1, 2)             # (1, heads, N_f, dh)
             ref = (p[..., k.shape[1]:] @ vh).transpose(1, 2).reshape(b, n, d)          # (b, N_h, D)
             self.store[self.inner.layer.name] = (ref, q.float(), n)
@@ -227,7 +226,7 @@ def read_denoiser(gen, ref, caption, xt_of, sigmas, outputs=False):
         yield sig, store
 
 
-def probe_routing(args, gen, shipped, log):
+def probe_routing(args, gen, log):
     import domain as D
     import run as R
     ids, refs, (ref_scenes, jr), (scenes, jt), x0, noise = pairs(args.pairs, 12_000, gen.codec.factor)
@@ -307,7 +306,7 @@ def main(argv=None):
         out = {"settings": rec, "output": probe_output(args, gen, R.log)}
     else:
         out = {"settings": rec, "content": probe_content(args, gen, shipped, R.log),
-               "routing": probe_routing(args, gen, shipped, R.log)}
+               "routing": probe_routing(args, gen, R.log)}
     out["seconds"] = round(time.time() - t0)
     R.write_text_atomic(args.out, json.dumps(out, indent=1))
     R.log(f"wrote {args.out} ({out['seconds']} s)")
