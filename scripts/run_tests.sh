@@ -3,9 +3,12 @@
 #   scripts/run_tests.sh main | old | both
 # main: every test on ComfyUI 0.3.75 (browser tests included: its frontend 1.32.9 is the one js/ targets);
 # old:  the node, server and file tests on 0.3.52, to show the pack still imports and works there.
-# both: the two side by side. Each suite keeps about one core busy (servers, subprocesses, waits), so on two cores
-#       the whole run takes about as long as the longer suite instead of the sum; the old host's output is printed
-#       whole after the main one's, and the run fails if either fails.
+# both: the two side by side, one torch thread each (OMP_NUM_THREADS=1, inherited by every server and subprocess they
+#       start). Each suite keeps about one core busy (servers, subprocesses, waits), so on two cores the whole run
+#       takes about as long as the longer suite instead of the sum. Why one thread: torch's default is one thread per
+#       core, and two suites with two spinning threads each on two cores were measured up to 5x slower on the same
+#       test (tests/test_synthetic_model.py's reduced evaluation: 106 s alone, 522 s beside the other suite). The old
+#       host's output is printed whole after the main one's, and the run fails if either fails.
 # pytest exits 5 when it collected nothing: that is a failure here, never a pass.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +33,7 @@ case "${1:-both}" in
   main) suite "$main_host" --durations=8 tests ;;
   old)  suite "$old_host" $OLD_TESTS ;;
   both)
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
     old_log="$(mktemp)"
     trap 'rm -f "$old_log"' EXIT
     suite "$old_host" $OLD_TESTS > "$old_log" 2>&1 &

@@ -43,8 +43,7 @@ def server(tmp_path_factory):
     faces = base / "input" / "idfusion_datasets" / "faces"
     faces.mkdir(parents=True)
     synthetic_dataset(faces)
-    with comfy_server.ComfyServer(COMFYUI, str(base), python=sys.executable,
-                                  env={**os.environ, "OMP_NUM_THREADS": "2"}) as srv:
+    with comfy_server.ComfyServer(COMFYUI, str(base), python=sys.executable) as srv:
         yield srv
 
 

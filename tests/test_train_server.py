@@ -99,7 +99,7 @@ def server(tmp_path_factory, request):
     else:
         os.symlink(request.getfixturevalue("random_checkpoint"), base / "models" / "checkpoints" / "random_sd15.safetensors")
         make_face_dataset(_mkdir(base / "input" / "idfusion_datasets" / "faces"))
-    srv = comfy_server.ComfyServer(COMFYUI, str(base), python=sys.executable, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    srv = comfy_server.ComfyServer(COMFYUI, str(base), python=sys.executable)
     srv.launch()
     try:
         srv.wait_ready(timeout=240)
