@@ -91,6 +91,32 @@ def test_described_base_pool_keeps_the_pictures_and_describes_a_share_of_one_per
     assert "describe" not in R.base_settings(R.SCALES["smoke"]) and "broad" not in R.base_settings(R.SCALES["smoke"])["vocabulary"]
 
 
+def test_eye_words_name_the_eye_colour_and_an_eye_words_pool_keeps_the_pictures():
+    # eye_words_study.py's base: captions naming the eye colour's lightness and hue, the pictures unchanged
+    import run as R   # benchmarks/synthetic/run.py
+    lch = lambda L, C, h: np.array([L, C * np.cos(np.radians(h)), C * np.sin(np.radians(h))])   # noqa: E731
+    assert D.eye_words(_ident(eyes=lch(30, 40, 250))) == ["darkeyed", "blueeyed"]
+    assert D.eye_words(_ident(eyes=lch(60, 40, 140))) == ["lighteyed", "greeneyed"]
+    assert D.eye_words(_ident(eyes=lch(60, 40, 350))) == ["lighteyed", "redeyed"]
+    assert D.eye_words(_ident(eyes=lch(60, 10, 250))) == ["lighteyed", "greyeyed"]   # too grey for a hue
+    plain = R.render_pool(R.SCALES["smoke"], seed=1)
+    worded = R.render_pool({**R.SCALES["smoke"], "describe_eyes": 0.5}, seed=1)
+    assert np.array_equal(plain[0], worded[0]) and np.array_equal(plain[2], worded[2])
+    assert worded[3] == plain[3]                        # two-person captions stay scene-only
+    longer = [w != p for p, w in zip(plain[1], worded[1])]
+    assert 0.3 < np.mean(longer) < 0.7, np.mean(longer)
+    settings = R.base_settings({**R.SCALES["smoke"], "describe_eyes": 0.5})
+    tok = synthetic.WordTokenizer(tokenizer_data={"vocabulary": settings["vocabulary"], "length": 16})
+    for p, w in zip(plain[1], worded[1]):
+        assert w == p or w.split(", ")[-2:] in ([a, b] for a in ("darkeyed", "lighteyed")
+                                                 for b in ["greyeyed", *dict(D.EYE_HUES).values()]), w
+        tok.tokenize_with_weights(w)   # every word known
+        assert len(w.replace(",", "").split()) <= 16   # nothing cut off by the encoder's length
+    assert settings["describe_eyes"] == 0.5 and "blueeyed" in settings["vocabulary"]
+    assert "describe_eyes" not in R.base_settings(R.SCALES["smoke"])
+    assert "blueeyed" not in R.base_settings(R.SCALES["smoke"])["vocabulary"]
+
+
 def test_base_width_option_builds_that_unet_and_leaves_the_default_settings_alone():
     import run as R   # benchmarks/synthetic/run.py: base_study.py's wide arm is {channels, mult} in the scale
     smoke = R.SCALES["smoke"]

@@ -221,6 +221,20 @@ def descriptors(ident: dict) -> list[str]:
     return out
 
 
+EYE_HUES = [(45, "redeyed"), (100, "ambereyed"), (170, "greeneyed"), (280, "blueeyed"), (335, "violeteyed"),
+            (360, "redeyed")]   # upper hue bound (degrees, CIELAB) -> word, for eyes of chroma EYE_GREY_CHROMA or more
+EYE_GREY_CHROMA = 15.0
+
+
+def eye_words(ident: dict) -> list[str]:
+    """The eye colour in two words, finer than descriptors' light/dark alone: its lightness word and a hue word
+    ("greyeyed" below chroma EYE_GREY_CHROMA). eye_words_study.py trains a base on captions that name them."""
+    lab = np.asarray(ident["eyes"])
+    chroma, h = math.hypot(lab[1], lab[2]), float(hue(lab))
+    return ["darkeyed" if lab[0] < 42.5 else "lighteyed",
+            "greyeyed" if chroma < EYE_GREY_CHROMA else next(w for top, w in EYE_HUES if h < top)]
+
+
 def described_caption(text: str, ident: dict, rng, most: int = 3) -> str:
     """A caption with 1..most of the identity's descriptions appended, in random order."""
     words = descriptors(ident)
@@ -228,17 +242,19 @@ def described_caption(text: str, ident: dict, rng, most: int = 3) -> str:
     return ", ".join([text] + [words[i] for i in pick])
 
 
-def vocabulary_captions(described: bool = False):
+def vocabulary_captions(described: bool = False, eyes: bool = False):
+    """Every caption the text encoder must know; described: with descriptors' words, eyes: with eye_words'."""
     scenes = all_scenes()
     extra = [f"{w} {n}" for k, ws in THIRDS.items() for w, n in zip(ws, [NOUNS[k]] * 2)] + \
         [f"{w} hair" for w in ("black", "white", "silver", "brown", *dict(HAIR_HUES).values()) if w != "green"] + \
         [f"{w} skin" for w in ("dark", "tan", "pale")] + ["darkeyed", "lighteyed"]
     return ([caption(s) for s in scenes] + [caption(s, two=True) for s in scenes] + ["a photo of a person"] +
-            (extra if described else []))
+            (extra if described else []) +
+            (["darkeyed", "lighteyed", "greyeyed", *dict(EYE_HUES).values()] if eyes else []))
 
 
-def vocabulary(described: bool = False) -> list[str]:
-    return sorted({w for text in vocabulary_captions(described) for w in re.findall(r"[a-z]+", text)})
+def vocabulary(described: bool = False, eyes: bool = False) -> list[str]:
+    return sorted({w for text in vocabulary_captions(described, eyes) for w in re.findall(r"[a-z]+", text)})
 
 
 # ---- the renderer ------------------------------------------------------------------------------------------------

@@ -77,7 +77,8 @@ def render_pool(s, seed, features=False):
     """Training pictures for the base model: random training identities in random scenes (uint8 drawings), with
     their captions; a fifth as many pictures of two people side by side. With s["describe"] = p, that share of the
     one-person captions also names 1-3 coarse features of the face (domain.described_caption; its own seed, so the
-    pictures stay the same). features: also each picture's domain.feature_map (uint8, 255 = wholly eye or mouth),
+    pictures stay the same); with s["describe_eyes"] = p, that share names the eye colour (domain.eye_words).
+    features: also each picture's domain.feature_map (uint8, 255 = wholly eye or mouth),
     appended after each group's captions; the pictures and captions stay the same."""
     import domain as D
     rng = np.random.default_rng(seed)
@@ -101,6 +102,10 @@ def render_pool(s, seed, features=False):
         words = np.random.default_rng(seed + 100)
         out[1] = [D.described_caption(c, ident, words) if words.random() < s["describe"] else c
                   for c, ident in zip(out[1], drawn[:len(out[1])])]
+    if s.get("describe_eyes"):
+        words = np.random.default_rng(seed + 200)
+        out[1] = [", ".join([c, *D.eye_words(ident)]) if words.random() < s["describe_eyes"] else c
+                  for c, ident in zip(out[1], drawn[:len(out[1])])]
     return out + maps if features else out
 
 
@@ -115,12 +120,14 @@ def base_settings(s):
         unet = synthetic.unet_config(3 * factor ** 2, D.SIZE // factor, s["channels"], s.get("mult", (1, 2)))
     out = {"base_steps": s["base_steps"], "base_batch": s["base_batch"], "prediction": s["pred"], "unet": unet,
            "codec": {"pool": 8 // factor, "factor": factor}, "text": {"dim": unet.get("context_dim", unet.get("context_in_dim")), "length": 16},
-           "vocabulary": D.vocabulary(described=bool(s.get("describe"))), "lr": s.get("base_lr", 1e-3), "ema": 0.999, "seed": SEED,
+           "vocabulary": D.vocabulary(described=bool(s.get("describe")), eyes=bool(s.get("describe_eyes"))), "lr": s.get("base_lr", 1e-3), "ema": 0.999, "seed": SEED,
            "train_ids": s["train_ids"], "pool": s["pool"], "domain": "continuous-v1"}
     if flux:   # only then: the UNet's settings (and so its cache key) stay what they were
         out.update(architecture="flux", weighting=s["weighting"])
     if s.get("describe"):   # likewise
         out["describe"] = s["describe"]
+    if s.get("describe_eyes"):   # likewise
+        out["describe_eyes"] = s["describe_eyes"]
     if s.get("base_weighting"):   # likewise: the first phase's weighting when it is not "v" (base_study.py)
         out["weighting"] = s["base_weighting"]
     return out
