@@ -19,7 +19,7 @@ demo: setup
 demo-sd15: setup
 	COMFYUI_PATH=$(call comfy,$(HOST)) $(call py,$(HOST)) scripts/demo_sd15.py --host $(HOST)
 
-# both hosts' suites side by side (scripts/run_tests.sh says why and how); test-main / test-old run one of them
+# both hosts' suites on two lanes, one per core (scripts/run_tests.sh says why and how); test-main / test-old run one of them
 test: setup
 	bash scripts/setup_host.sh $(OLD_HOST)
 	MAIN_HOST=$(HOST) OLD_HOST=$(OLD_HOST) bash scripts/run_tests.sh both

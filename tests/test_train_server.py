@@ -6,7 +6,6 @@ cartoon faces (much slower). 64 px, a few steps. One server for the module."""
 import asyncio
 import json
 import os
-import shutil
 import struct
 import sys
 import threading
