@@ -42,9 +42,9 @@ case "${1:-both}" in
     ignore=(); for f in $LANE_ONE_MAIN; do ignore+=("--ignore=$f"); done
     ( suite "$old_host" $OLD_TESTS; old_rc=$?
       echo "== ComfyUI $main_host: $LANE_ONE_MAIN =="
-      suite "$main_host" $LANE_ONE_MAIN; two_rc=$?
-      echo "== lane 1 exit: ComfyUI $old_host $old_rc, ComfyUI $main_host $two_rc =="
-      [ $old_rc -eq 0 ] && [ $two_rc -eq 0 ] ) > "$lane_log" 2>&1 &
+      suite "$main_host" $LANE_ONE_MAIN; lane_main_rc=$?
+      echo "== lane 1 exit: ComfyUI $old_host $old_rc, ComfyUI $main_host $lane_main_rc =="
+      [ $old_rc -eq 0 ] && [ $lane_main_rc -eq 0 ] ) > "$lane_log" 2>&1 &
     lane_pid=$!
     echo "== ComfyUI $main_host: every test file but lane 1's (lane 1: ComfyUI $old_host's suite, then $LANE_ONE_MAIN on $main_host; its output follows) =="
     suite "$main_host" --durations=8 "${ignore[@]}" tests; main_rc=$?
