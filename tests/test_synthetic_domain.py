@@ -348,3 +348,34 @@ def test_a_features_weighted_dataset_keeps_the_pictures_and_weighs_the_eyes_and_
         assert np.abs(mask[face == 0]).max() == 0                         # background: 0
     plain_dir, weighted_dir = R.adapter_data("w", 2, 2, synthetic.PixelCodec(1, 8)), R.adapter_data("w", 2, 2, synthetic.PixelCodec(1, 8), 10.0)
     assert plain_dir != weighted_dir and plain_dir == R.adapter_data("w", 2, 2, synthetic.PixelCodec(1, 8), 0.0)
+
+
+def test_reproduce_check_tells_rounding_chance_and_real_differences_apart(tmp_path):
+    """benchmarks/synthetic/reproduce_check.py, which compares a from-scratch `make synthetic` with the shipped files:
+    the date every run rewrites is ignored, a last-digit difference is rounding, a figure that moved gets its z."""
+    import json
+    import reproduce_check as R
+    from safetensors.torch import save_file
+    for name, bump, figure, rounding in (("shipped", 0.0, 0.30, 0.1), ("rebuilt", 0.25, 0.36, 0.1 + 1e-12)):
+        root = tmp_path / name
+        for m in R.MODELS:
+            (root / m).parent.mkdir(parents=True, exist_ok=True)
+            save_file({"a": torch.ones(3), "b": torch.full((2,), 1.0 + bump)}, str(root / m),
+                      {"figures": json.dumps({"date": name, "retrieval": 0.3})})
+        (root / R.RESULTS).parent.mkdir(parents=True)
+        (root / R.RESULTS).write_text(json.dumps({"date": name, "seconds": {"base": len(name)}, "mean": rounding,
+                                                  "retrieval": {"p": figure, "se": 0.03, "n": 256}}))
+        (root / R.ASSETS).mkdir(parents=True)
+        (root / R.ASSETS / "fresh_0.png").write_bytes(b"same")
+    out = tmp_path / "report.json"
+    assert R.main(["--rebuilt", str(tmp_path / "rebuilt"), "--shipped", str(tmp_path / "shipped"), "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    for m in R.MODELS:
+        assert (r["models"][m]["bit_equal"], r["models"][m]["largest_difference"]) == (1, 0.25)
+        assert r["models"][m]["largest_in"] == "b" and r["models"][m]["metadata_differs"] == []
+    res = r["results"]
+    assert (res["equal but for rounding"], res["figures that differ"], res["of them |z| > 2"]) == (1, 1, 0)
+    (fig,) = res["figures"]
+    assert fig["path"] == "/retrieval" and abs(fig["z"] - 0.06 / (0.03 * 2 ** 0.5)) < 0.01
+    assert [d["path"] for d in res["differences"]] == ["/retrieval/p"]
+    assert r["assets"] == {"fresh_0.png": True}

@@ -1,20 +1,20 @@
-"""Build the pack's embedded model and prove on it that identity transfers (issue 9).
+"""Build the pack's embedded model and prove on it that identity transfers (issue 17).
 
-    make synthetic            # or: .hosts/0.3.75/venv/bin/python benchmarks/synthetic/run.py [--scale cpu|smoke]
+    make synthetic            # or: .hosts/0.3.75/venv/bin/python benchmarks/synthetic/run.py [--scale cpu|flux-cpu|smoke]
 
 Stages (each cached in --work, keyed by its settings, so a re-run reuses what did not change):
-1. draw procedural faces (benchmarks/synthetic/domain.py);
-2. train the tiny base model (idfusion/synthetic.py: ComfyUI's UNetModel on 4x4 space-to-depth patches, and a
-   word-level text encoder) on captions that describe expression, pose and background but never the identity;
-   ship it as models/synthetic_faces.safetensors (fp16);
-3. train an attribute classifier on drawn faces, the measuring instrument (models/classifier/);
-4. train the adapter with this pack's Trainer on every identity but the 8 evaluation ones, the reference being
-   another picture of the same identity, with captions from 36 of the 48 scenes; ship it as
-   models/idfusion/synthetic_faces_adapter.safetensors (fp16);
-5. from the shipped (fp16) files, generate through this pack's nodes (Encode Reference, Apply, Apply
-   Multi-Identity, Merge References) and ComfyUI's sampler, and measure base quality and (a)-(d) on the 8 unseen
-   identities with the 12 held-out scenes' captions and seeds never used in training. Report, figures, image grid
-   and contact sheet go to --report; the figures are also written into the shipped files' metadata.
+1. draw faces of training identities from the continuous identity space (benchmarks/synthetic/domain.py) in random
+   scenes, with captions that describe expression, pose and background but never the identity;
+2. train the tiny base model on them (idfusion/synthetic.py: ComfyUI's UNetModel on 8x8 space-to-depth tokens, or
+   ComfyUI's Flux class for --scale flux-cpu, and a word-level text encoder; the phases --scale lists); ship it in
+   models/ (fp16);
+3. train the adapter with this pack's Trainer on the training identities, the reference being another picture of
+   the same identity; ship it in models/idfusion/ (fp16);
+4. from the shipped fp16 files, through this pack's nodes and ComfyUI's sampler: calibrate the instrument (fitting
+   the renderer, benchmarks/synthetic/fit.py) on clean, degraded and img2img pictures; sweep CFG, uncond, weight
+   and end_at on validation identities; evaluate on fresh evaluation identities that no model saw, with held-out
+   captions and seeds. Results, report and image grid go to --report; the figures and the chosen defaults are
+   also written into the shipped files' metadata.
 """
 from __future__ import annotations
 
@@ -1275,7 +1275,8 @@ def main(argv=None):
     grid = {**{f"calibration: {k}": (None, D.to_uint8(v), None) for k, v in cal_pics.items()}, **grid}
     timings["evaluation"] = time.time() - t0 - sum(timings.values())
     save_grid(grid, os.path.join(report, f"grid_{args.scale}.png"))
-    out = {"scale": args.scale, "settings": s, "device": str(device), "torch": torch.__version__,
+    out = {"scale": args.scale, "settings": s, "device": str(device), "threads": torch.get_num_threads(),
+           "torch": torch.__version__,
            "comfyui": comfyui_version.__version__, "date": time.strftime("%Y-%m-%d"), "train_ids": s["train_ids"],
            "adapter_training": train_info, "calibration": calibration, "sweep": sweep_out, "results": res,
            "seconds": {k: round(v) for k, v in timings.items()}}
