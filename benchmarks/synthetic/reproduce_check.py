@@ -145,6 +145,40 @@ def determinism(steps: int) -> dict:
     return {"steps": steps, **report}
 
 
+def compare(rebuilt: str, shipped: str) -> dict:
+    report = {"models": {m: compare_models(os.path.join(rebuilt, m), os.path.join(shipped, m)) for m in MODELS}}
+    with open(_checked(os.path.join(rebuilt, RESULTS))) as f:
+        ra = json.load(f)
+    with open(_checked(os.path.join(shipped, RESULTS))) as f:
+        rb = json.load(f)
+    nums = compare_numbers(ra, rb)
+    z = [abs(x[3]) for x in nums["z"]]
+    report["results"] = {"equal": nums["equal"], "equal but for rounding": nums["rounding"], "differ": len(nums["differ"]),
+                         "figures that differ": len(z), "of them |z| > 2": sum(v > 2 for v in z),
+                         "largest |z|": max(z, default=0.0),
+                         "figures": [{"path": p, "rebuilt": x, "shipped": y, "z": round(v, 2)} for p, x, y, v in nums["z"]],
+                         "differences": [{"path": p, "rebuilt": x, "shipped": y} for p, x, y in nums["differ"]]}
+    report["rebuilt_seconds"] = ra.get("seconds")
+    for root in (rebuilt, shipped):
+        if not os.path.isdir(os.path.join(root, ASSETS)):
+            raise SystemExit(f"reproduce_check: {os.path.join(root, ASSETS)} is missing; is {root} a checkout of this pack?")
+    names = sorted(set(os.listdir(os.path.join(rebuilt, ASSETS))) | set(os.listdir(os.path.join(shipped, ASSETS))))
+    report["assets"] = {n: _sha(os.path.join(rebuilt, ASSETS, n)) == _sha(os.path.join(shipped, ASSETS, n)) for n in names}
+    for m, r in report["models"].items():
+        print(f"{m}: {r['bit_equal']}/{r['tensors']} tensors bit-equal, largest difference {r['largest_difference']:.3g}"
+              f" ({r['largest_in']}); metadata differs in {r['metadata_differs'] or 'nothing'}")
+    r = report["results"]
+    print(f"{RESULTS}: {r['equal']} numbers equal, {r['equal but for rounding']} equal but for rounding, {r['differ']} "
+          f"differ; {r['figures that differ']} figures differ, {r['of them |z| > 2']} of them by |z| > 2 "
+          f"(largest {r['largest |z|']:.2f})")
+    for f in sorted(r["figures"], key=lambda f: -abs(f["z"]))[:12]:
+        print(f"  z {f['z']:+.2f}  {f['path']}: rebuilt {f['rebuilt']:.4g} shipped {f['shipped']:.4g}")
+    print(f"{ASSETS}: {sum(report['assets'].values())}/{len(names)} files byte-equal")
+    print(f"rebuilt stage seconds: {report['rebuilt_seconds']}")
+    return report
+
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--_phase-one"]:   # the child of --determinism
@@ -168,36 +202,6 @@ def main(argv=None):
             json.dump(report, f, indent=1, default=str)
         os.replace(tmp, args.out)
     return 0
-
-
-def compare(rebuilt: str, shipped: str) -> dict:
-    report = {"models": {m: compare_models(os.path.join(rebuilt, m), os.path.join(shipped, m)) for m in MODELS}}
-    with open(_checked(os.path.join(rebuilt, RESULTS))) as f:
-        ra = json.load(f)
-    with open(_checked(os.path.join(shipped, RESULTS))) as f:
-        rb = json.load(f)
-    nums = compare_numbers(ra, rb)
-    z = [abs(x[3]) for x in nums["z"]]
-    report["results"] = {"equal": nums["equal"], "equal but for rounding": nums["rounding"], "differ": len(nums["differ"]),
-                         "figures that differ": len(z), "of them |z| > 2": sum(v > 2 for v in z),
-                         "largest |z|": max(z, default=0.0),
-                         "figures": [{"path": p, "rebuilt": x, "shipped": y, "z": round(v, 2)} for p, x, y, v in nums["z"]],
-                         "differences": [{"path": p, "rebuilt": x, "shipped": y} for p, x, y in nums["differ"]]}
-    report["rebuilt_seconds"] = ra.get("seconds")
-    names = sorted(set(os.listdir(os.path.join(rebuilt, ASSETS))) | set(os.listdir(os.path.join(shipped, ASSETS))))
-    report["assets"] = {n: _sha(os.path.join(rebuilt, ASSETS, n)) == _sha(os.path.join(shipped, ASSETS, n)) for n in names}
-    for m, r in report["models"].items():
-        print(f"{m}: {r['bit_equal']}/{r['tensors']} tensors bit-equal, largest difference {r['largest_difference']:.3g}"
-              f" ({r['largest_in']}); metadata differs in {r['metadata_differs'] or 'nothing'}")
-    r = report["results"]
-    print(f"{RESULTS}: {r['equal']} numbers equal, {r['equal but for rounding']} equal but for rounding, {r['differ']} "
-          f"differ; {r['figures that differ']} figures differ, {r['of them |z| > 2']} of them by |z| > 2 "
-          f"(largest {r['largest |z|']:.2f})")
-    for f in sorted(r["figures"], key=lambda f: -abs(f["z"]))[:12]:
-        print(f"  z {f['z']:+.2f}  {f['path']}: rebuilt {f['rebuilt']:.4g} shipped {f['shipped']:.4g}")
-    print(f"{ASSETS}: {sum(report['assets'].values())}/{len(names)} files byte-equal")
-    print(f"rebuilt stage seconds: {report['rebuilt_seconds']}")
-    return report
 
 
 if __name__ == "__main__":
