@@ -22,7 +22,7 @@ OLD_TESTS="tests/test_nodes.py tests/test_fused_attention.py tests/test_faces.py
   tests/test_flux_nodes.py tests/test_flux_train.py tests/test_metrics.py tests/test_hostile_inputs.py
   tests/test_hostile_server.py tests/test_parsers_property.py"
 # main-host files that run on lane 1 after the old host's suite (chosen by their measured time to balance the lanes)
-LANE_ONE_MAIN="tests/test_train_cli.py tests/test_batch.py tests/test_flux_e2e.py tests/test_cleanup.py tests/test_chaining.py"
+LANE_ONE_MAIN="tests/test_train_cli.py tests/test_batch.py tests/test_flux_e2e.py tests/test_cleanup.py tests/test_chaining.py tests/test_sdxl_e2e.py"
 
 suite() {   # suite <host version> <pytest args...>
   local v="$1"; shift
