@@ -197,10 +197,9 @@ def main(argv=None):
     else:
         ap.error("give --rebuilt DIR (compare a rebuild) or --determinism STEPS")
     if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=1, default=str)
-        os.replace(tmp, args.out)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from run import write_text_atomic
+        write_text_atomic(args.out, json.dumps(report, indent=1, default=str))
     return 0
 
 
